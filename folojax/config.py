@@ -1,0 +1,150 @@
+"""Frozen, hashable configs: ModelConfig is a static jit argument; the others validate engine knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from folojax.errors import UnsupportedModelError
+
+# Architectures sharing the decoder: what differs is q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2).
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    use_qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
+    attention_bias: bool  # Qwen2: bias on the q, k and v projections
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads per KV head (1 = MHA, num_heads = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Builds the config from a Hugging Face `config.json` dict."""
+        architectures = hf.get("architectures") or [hf.get("model_type", "<missing>")]
+        architecture = architectures[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {architecture!r} (config.json 'architectures') is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        _check_rope_scaling(hf.get("rope_scaling"))
+        num_heads = hf["num_attention_heads"]
+        hidden_size = hf["hidden_size"]
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            architecture=architecture,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden_size,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden_size // num_heads,
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            use_qk_norm=architecture == "Qwen3ForCausalLM",
+            attention_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            eos_token_ids=eos_ids,
+            bos_token_id=hf.get("bos_token_id"),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_hf_config(json.load(f))
+
+
+def _check_rope_scaling(rope_scaling: dict | None) -> None:
+    if rope_scaling is None:
+        return
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind not in (None, "default"):
+        raise UnsupportedModelError(
+            f"rope_scaling type {kind!r} is not supported (only unscaled RoPE is implemented)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    max_seq_len: int  # tokens per row: prompt plus generated
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.max_seq_len <= 0 or self.batch_size <= 0:
+            raise ValueError(
+                f"CacheConfig needs positive max_seq_len and batch_size, "
+                f"got max_seq_len={self.max_seq_len}, batch_size={self.batch_size}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16  # rows decoded together
+    max_num_batched_tokens: int = 8192  # prompt tokens prefilled together
+
+    def __post_init__(self):
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    scheduler: SchedulerConfig
+    max_model_len: int
+    dtype: str
+
+    def __post_init__(self):
+        if not 0 < self.max_model_len:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_model_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={self.model.max_position_embeddings}"
+            )

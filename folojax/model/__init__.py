@@ -1,0 +1,1 @@
+"""Device code for the decoder: pure functions over a params pytree."""

@@ -1,0 +1,151 @@
+"""The Qwen3 / Qwen2 / Llama decoder as pure functions of (params, config, token ids[, cache]).
+
+params is a pytree of arrays in Hugging Face's [out, in] layout:
+  {"embed": [vocab, hidden], "final_norm": [hidden], "lm_head": [vocab, hidden] (absent if tied),
+   "layers": [{"input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_norm",
+               "gate_proj", "up_proj", "down_proj", + "q_norm", "k_norm" (Qwen3),
+               + "q_bias", "k_bias", "v_bias" (Qwen2)}, ...]}
+The layers are a Python list walked by a Python loop: each layer's weights stay separate arrays in
+their checkpoint layout, which XLA reads faster on CPU than stacked weights under `lax.scan`.
+"""
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from folojax.config import ModelConfig
+from folojax.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu_mlp
+from folojax.ops.attention import causal_attention
+from folojax.ops.kv_cache import KVCache, read_layer, write_layer
+
+# How many times each jitted function has been traced (= compiled), by name. Bucketing keeps these
+# small; tests and `folojax bench` read them through num_compiles().
+_COMPILE_COUNTS: collections.Counter = collections.Counter()
+
+
+def count_compile(name: str) -> None:
+    """Called from inside a jitted function's body, which runs only when it is traced."""
+    _COMPILE_COUNTS[name] += 1
+
+
+def num_compiles(name: str | None = None) -> int:
+    """Traces so far of one jitted function, or of all of them."""
+    return _COMPILE_COUNTS[name] if name else sum(_COMPILE_COUNTS.values())
+
+
+def _attention_block(x, layer, config, cos, sin, layer_index, cache, positions, valid,
+                     kv_lengths, kv_len):
+    batch, seq, _ = x.shape
+    q = linear(x, layer["q_proj"], layer.get("q_bias"))
+    k = linear(x, layer["k_proj"], layer.get("k_bias"))
+    v = linear(x, layer["v_proj"], layer.get("v_bias"))
+    q = q.reshape(batch, seq, config.num_heads, config.head_dim)
+    k = k.reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    v = v.reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    if config.use_qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is None:
+        keys, values = k, v
+    else:
+        cache = write_layer(cache, layer_index, k, v, positions, valid)
+        keys, values = read_layer(cache, layer_index, kv_len)
+    out = causal_attention(q, keys, values, positions, kv_lengths)
+    return linear(out.reshape(batch, seq, -1), layer["o_proj"]), cache
+
+
+def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_lengths,
+                   cache: KVCache | None = None, kv_len: int = 0):
+    """Runs every layer; returns the final-normed hidden states [batch, seq, hidden] and the cache.
+
+    Without a cache the queries attend to this call's own keys; with one, the new keys are
+    written at `positions` and the queries attend to the cache's first `kv_len` positions.
+    """
+    x = params["embed"][token_ids]
+    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
+    for layer_index, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+        attn, cache = _attention_block(h, layer, config, cos, sin, layer_index, cache, positions,
+                                       valid, kv_lengths, kv_len)
+        x = x + attn
+        x = x + swiglu_mlp(rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps), layer)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def lm_head(params, hidden: jax.Array) -> jax.Array:
+    """Logits in float32; a tied head reads the embedding [vocab, hidden] without copying it."""
+    weight = params.get("lm_head", params["embed"])
+    return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward(params, config: ModelConfig, token_ids):
+    count_compile("forward")
+    batch, seq = token_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    valid = jnp.ones((batch, seq), bool)
+    hidden, _ = decoder_hidden(params, config, token_ids, positions, valid,
+                               jnp.full((batch,), seq))
+    return lm_head(params, hidden)
+
+
+def forward(params, config: ModelConfig, token_ids) -> jax.Array:
+    """Logits [batch, seq, vocab] (float32) for token ids [batch, seq]; needs no cache."""
+    token_ids = jnp.asarray(token_ids, jnp.int32)
+    if token_ids.ndim == 1:
+        token_ids = token_ids[None]
+    return _forward(params, config, token_ids)
+
+
+def cached_step(params, cache: KVCache, token_ids, num_tokens, config: ModelConfig, kv_len: int):
+    """Appends up to seq new tokens per row to the cache; returns each row's last-token logits.
+
+    token_ids [batch, seq]: row b's first num_tokens[b] entries are real, the rest padding
+    (num_tokens[b] = 0 leaves row b untouched). Covers prefill (seq > 1) and decode (seq = 1).
+    Returns logits [batch, vocab] float32 and the cache with lengths advanced.
+    """
+    seq = token_ids.shape[1]
+    offsets = jnp.arange(seq)[None, :]
+    positions = cache.lengths[:, None] + offsets
+    valid = offsets < num_tokens[:, None]
+    kv_lengths = cache.lengths + num_tokens
+    hidden, cache = decoder_hidden(params, config, token_ids, positions, valid, kv_lengths,
+                                   cache, kv_len)
+    last = jnp.maximum(num_tokens - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    cache = dataclasses.replace(cache, lengths=kv_lengths)
+    return lm_head(params, last_hidden), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "kv_len"), donate_argnames=("cache",))
+def _jitted_step(params, cache, token_ids, num_tokens, config, kv_len):
+    count_compile("step")
+    return cached_step(params, cache, token_ids, num_tokens, config, kv_len)
+
+
+def prefill(params, cache: KVCache, token_ids, num_tokens, config: ModelConfig,
+            kv_len: int | None = None):
+    """Writes prompts [batch, seq] (row b: num_tokens[b] real tokens) after each row's cached
+    tokens; returns (last-token logits [batch, vocab], new cache). Donates `cache`.
+
+    kv_len (static) bounds the keys attended to; it must cover every row's new length. Default:
+    the whole cache.
+    """
+    kv_len = cache.max_seq_len if kv_len is None else kv_len
+    return _jitted_step(params, cache, jnp.asarray(token_ids, jnp.int32),
+                        jnp.asarray(num_tokens, jnp.int32), config, kv_len)
+
+
+def decode_step(params, cache: KVCache, token_ids, config: ModelConfig, active=None,
+                kv_len: int | None = None):
+    """Appends one token per row (rows where `active` is False are left as they are); returns
+    (logits [batch, vocab], new cache). Donates `cache`."""
+    token_ids = jnp.asarray(token_ids, jnp.int32).reshape(-1, 1)
+    num_tokens = (jnp.ones(token_ids.shape[0], jnp.int32) if active is None
+                  else jnp.asarray(active, jnp.int32))
+    kv_len = cache.max_seq_len if kv_len is None else kv_len
+    return _jitted_step(params, cache, token_ids, num_tokens, config, kv_len)

@@ -1,0 +1,43 @@
+"""Pure building blocks of the decoder: RMSNorm, rotary embeddings, the SwiGLU MLP.
+
+Weights keep Hugging Face's [out, in] layout and are applied as `x @ w.T`: on CPU that reads the
+weights fastest, and XLA folds the transpose into the matmul instead of copying the weight.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """`x @ weight.T (+ bias)` with weight in [out, in] layout."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, scaled by `weight` in x's dtype (as Hugging Face does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables for `positions` [batch, seq] -> two arrays [batch, seq, head_dim]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [batch, seq, heads, head_dim] by the half-split (non-interleaved) convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def swiglu_mlp(x: jax.Array, layer: dict) -> jax.Array:
+    gate = linear(x, layer["gate_proj"])
+    up = linear(x, layer["up_proj"])
+    return linear(jax.nn.silu(gate) * up, layer["down_proj"])

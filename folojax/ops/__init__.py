@@ -1,0 +1,1 @@
+"""Device ops: attention, KV-cache pytrees and writes, sampling."""

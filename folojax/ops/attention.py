@@ -1,0 +1,35 @@
+"""Causal grouped-query attention over a contiguous run of keys (the cache, or this step's keys).
+
+Every query at absolute position p sees the keys at positions <= p that are among its row's first
+`kv_lengths[row]` keys. That one rule covers a fresh prefill, a prefill continuing a cached
+sequence, and batched decode of rows with different lengths.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Added to masked scores; finite so that a row with nothing to attend to yields zeros, not NaN.
+_MASKED = -1e30
+
+
+def causal_attention(
+    q: jax.Array,  # [batch, q_len, num_heads, head_dim]
+    k: jax.Array,  # [batch, kv_len, num_kv_heads, head_dim]
+    v: jax.Array,  # [batch, kv_len, num_kv_heads, head_dim]
+    q_positions: jax.Array,  # [batch, q_len] absolute positions of the queries
+    kv_lengths: jax.Array,  # [batch] number of valid keys per row
+) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    key_positions = jnp.arange(kv_len)
+    mask = (key_positions[None, None, :] <= q_positions[:, :, None]) & (
+        key_positions[None, None, :] < kv_lengths[:, None, None]
+    )  # [batch, q_len, kv_len]
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)

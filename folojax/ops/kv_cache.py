@@ -1,0 +1,71 @@
+"""The KV cache: a pytree of stacked per-layer keys and values plus each row's length.
+
+Row `b` holds `lengths[b]` tokens at positions 0..lengths[b]-1. Steps write new keys and values
+right after them; the cache is donated to every step, so XLA updates it in place.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from folojax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [num_layers, batch, max_seq_len, num_kv_heads, head_dim]
+    v: jax.Array  # [num_layers, batch, max_seq_len, num_kv_heads, head_dim]
+    lengths: jax.Array  # [batch] int32: tokens already cached per row
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_seq_len: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_seq_len` tokens each."""
+    if batch_size <= 0 or max_seq_len <= 0:
+        raise ValueError(
+            f"init_cache needs positive batch_size and max_seq_len, "
+            f"got batch_size={batch_size}, max_seq_len={max_seq_len}"
+        )
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    shape = (config.num_layers, batch_size, max_seq_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def write_layer(
+    cache: KVCache,
+    layer: int,
+    k: jax.Array,  # [batch, seq, num_kv_heads, head_dim]
+    v: jax.Array,
+    positions: jax.Array,  # [batch, seq] where each new token goes
+    valid: jax.Array,  # [batch, seq] bool: padding tokens are not written
+) -> KVCache:
+    """Scatters one layer's new keys and values into the cache (out-of-range writes are dropped)."""
+    target = jnp.where(valid, positions, cache.max_seq_len)
+    rows = jnp.arange(k.shape[0])[:, None]
+    new_k = cache.k.at[layer, rows, target].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[layer, rows, target].set(v.astype(cache.v.dtype), mode="drop")
+    return dataclasses.replace(cache, k=new_k, v=new_v)
+
+
+def read_layer(cache: KVCache, layer: int, kv_len: int) -> tuple[jax.Array, jax.Array]:
+    """The first `kv_len` (static) positions of one layer's keys and values."""
+    return cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len]

@@ -1,0 +1,1 @@
+"""Host code: checkpoints (HF safetensors directories, GGUF files) -> params pytree."""
