@@ -1,0 +1,1 @@
+"""Host code: generation loops, request bookkeeping, the LLM class."""

@@ -1,0 +1,127 @@
+"""One jitted sampler for a whole batch, with per-row parameters, so greedy and sampled rows mix.
+
+Order of operations (as in Hugging Face): penalties on the raw logits, then temperature, top-k,
+top-p, min-p, then a Gumbel-max draw. Row b's noise comes from its own key folded with its output
+position, so a seeded row draws the same tokens whatever else is in the batch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingTensors:
+    """Per-row sampling parameters, each [batch]; built on the host once per batch."""
+
+    temperature: jax.Array  # float32, 0 = greedy
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # float32, 1 = off
+    min_p: jax.Array  # float32, 0 = off
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    repetition_penalty: jax.Array
+    min_tokens: jax.Array  # int32: stop tokens are banned before this many outputs
+    keys: jax.Array  # [batch] typed PRNG keys, one per row
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerState:
+    """What the sampler needs to remember between steps; updated on device."""
+
+    num_generated: jax.Array  # [batch] int32: also the position folded into each row's key
+    output_counts: jax.Array  # [batch, vocab] int32: occurrences of each token in the output
+    prompt_mask: jax.Array  # [batch, vocab] bool: token occurs in the prompt
+    stop_token_mask: jax.Array  # [batch, vocab] bool: EOS and stop_token_ids (for min_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+    """Static switches: features no row uses cost nothing (each combination compiles once)."""
+
+    all_greedy: bool = True
+    use_top_k_top_p: bool = False
+    use_min_p: bool = False
+    use_penalties: bool = False
+    use_min_tokens: bool = False
+    num_logprobs: int | None = None  # top-N logprobs to return; None = none
+
+
+def apply_penalties(logits, state: SamplerState, params: SamplingTensors):
+    """vLLM's rules: repetition over prompt and output tokens; presence/frequency over output."""
+    counts = state.output_counts
+    seen = state.prompt_mask | (counts > 0)
+    penalty = params.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits - params.frequency_penalty[:, None] * counts
+    return logits - params.presence_penalty[:, None] * (counts > 0)
+
+
+def apply_top_k_top_p(logits, top_k, top_p):
+    """Masks (to -inf) tokens outside each row's top-k, then outside its nucleus of mass top_p.
+
+    Ties at a threshold are kept. One descending sort serves both masks.
+    """
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < kth_value, _NEG_INF, logits)
+    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+    sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, _NEG_INF), axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    num_kept = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
+    return jnp.where(logits < threshold, _NEG_INF, logits)
+
+
+def apply_min_p(logits, min_p):
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def sample(logits, params: SamplingTensors, state: SamplerState, flags: SamplerFlags):
+    """Picks one token per row from logits [batch, vocab] (float32).
+
+    Returns (tokens [batch] int32, logprobs or None, new state). logprobs, when flags ask, is
+    (chosen token's logprob [batch], top ids [batch, N], top logprobs [batch, N]) of the raw
+    model distribution.
+    """
+    batch, vocab = logits.shape
+    logprobs = None
+    if flags.num_logprobs is not None:
+        raw = jax.nn.log_softmax(logits, axis=-1)
+    if flags.use_penalties:
+        logits = apply_penalties(logits, state, params)
+    if flags.use_min_tokens:
+        banned = state.stop_token_mask & (state.num_generated < params.min_tokens)[:, None]
+        logits = jnp.where(banned, _NEG_INF, logits)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not flags.all_greedy:
+        temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+        scaled = logits / temperature[:, None]
+        if flags.use_top_k_top_p:
+            scaled = apply_top_k_top_p(scaled, params.top_k, params.top_p)
+        if flags.use_min_p:
+            scaled = apply_min_p(scaled, params.min_p)
+        step_keys = jax.vmap(jax.random.fold_in)(params.keys, state.num_generated)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(step_keys)
+        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        tokens = jnp.where(params.temperature > 0, sampled, tokens)
+    if flags.num_logprobs is not None:
+        chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+        top_values, top_ids = jax.lax.top_k(raw, max(flags.num_logprobs, 1))
+        top_values, top_ids = top_values[:, :flags.num_logprobs], top_ids[:, :flags.num_logprobs]
+        logprobs = (chosen, top_ids, top_values)
+    counts = state.output_counts
+    if flags.use_penalties:
+        counts = counts.at[jnp.arange(batch), tokens].add(1)
+    state = dataclasses.replace(state, num_generated=state.num_generated + 1,
+                                output_counts=counts)
+    return tokens, logprobs, state
