@@ -21,7 +21,8 @@ from folojax.ops.kv_cache import KVCache
 from folojax.outputs import RequestMetrics
 from folojax.sampling_params import SamplingParams
 
-MIN_SEQ_BUCKET = 16
+MIN_SEQ_BUCKET = 16  # prompt lengths are padded to 16, 32, 64, ...
+MIN_KV_BUCKET = 256  # attended cache lengths to 256, 512, ...: few decode compiles per generation
 
 
 @dataclasses.dataclass
@@ -98,7 +99,7 @@ def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config
 
     def dispatch(token_ids, num_tokens):
         nonlocal cache, sampler_state
-        kv_len = bucket(int((lengths + num_tokens).max()), MIN_SEQ_BUCKET, max_seq_len)
+        kv_len = bucket(int((lengths + num_tokens).max()), MIN_KV_BUCKET, max_seq_len)
         tokens, logprobs, cache, sampler_state = step_and_sample(
             params, cache, token_ids, jnp.asarray(num_tokens), tensors, sampler_state,
             config, kv_len, flags)
