@@ -1,0 +1,148 @@
+"""`folojax bench`: TTFT, TPOT and tokens/s of folojax, and of transformers+torch on the same
+model and workload in the same run (--compare-hf).
+
+Workload: batch_size prompts of prompt_len random token ids, then max_tokens greedy tokens with
+EOS ignored. Compilation is measured separately: the first (warm-up) run pays it, the timed runs
+don't. For transformers, TTFT is one forward over the prompts and TPOT is the rest of a
+`generate(max_new_tokens=max_tokens)` per token.
+"""
+
+import dataclasses
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from folojax.engine.generate import generate
+from folojax.model.decoder import num_compiles
+from folojax.ops.kv_cache import init_cache
+from folojax.sampling_params import SamplingParams
+from folojax.weights.loader import load_model, resolve_model_path
+
+
+@dataclasses.dataclass
+class BenchResult:
+    name: str
+    ttft: float  # seconds: prefill of the whole batch + first token
+    tpot: float  # seconds per decode step (one token for every row)
+    batch_size: int
+    prompt_len: int
+    compile_seconds: float | None = None
+    num_compiles: int | None = None
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.batch_size / self.tpot
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.batch_size * self.prompt_len / self.ttft
+
+
+def workload(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
+
+
+def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    max_seq_len = len(prompts[0]) + max_tokens
+
+    def run():
+        cache = init_cache(model.config, len(prompts), max_seq_len, model.dtype)
+        start = time.perf_counter()
+        result = generate(model.params, cache, jax.random.key(0), prompts, config=model.config,
+                          sampling=sampling)
+        return result, time.perf_counter() - start
+
+    compiles_before = num_compiles()
+    _, warmup_seconds = run()
+    compiles = num_compiles() - compiles_before
+    runs = [run() for _ in range(repeats)]
+    ttft = statistics.median(r.metrics[0].ttft for r, _ in runs)
+    tpot = statistics.median(r.metrics[0].tpot for r, _ in runs)
+    steady = statistics.median(seconds for _, seconds in runs)
+    return BenchResult("folojax", ttft, tpot, len(prompts), len(prompts[0]),
+                       compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
+
+
+def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
+                       repeats: int) -> BenchResult:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    kwargs = {}
+    if path.endswith(".gguf"):
+        kwargs["gguf_file"] = os.path.basename(path)
+        path = os.path.dirname(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    model = model.to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def prefill():
+        model(ids)
+
+    def full():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+
+    timed(prefill)
+    timed(full)  # warm-up
+    ttft = statistics.median(timed(prefill) for _ in range(repeats))
+    total = statistics.median(timed(full) for _ in range(repeats))
+    return BenchResult("transformers", ttft, (total - ttft) / (max_tokens - 1), len(prompts),
+                       len(prompts[0]))
+
+
+def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
+              prompt_len: int = 128, max_tokens: int = 64, repeats: int = 3,
+              compare_hf: bool = False) -> list[BenchResult]:
+    if max_tokens < 2:
+        raise ValueError("bench needs max_tokens >= 2 to measure decoding")
+    path = resolve_model_path(model_path)
+    model = load_model(path, dtype, load_tokenizer=False)
+    prompts = workload(model.config.vocab_size, batch_size, prompt_len)
+    results = [bench_folojax(model, prompts, max_tokens, repeats)]
+    if compare_hf:
+        del model
+        results.append(bench_transformers(path, _dtype_name(dtype), prompts, max_tokens,
+                                          repeats))
+    return results
+
+
+def _dtype_name(dtype: str) -> str:
+    from folojax.weights.loader import resolve_dtype
+
+    return np.dtype(resolve_dtype(dtype)).name
+
+
+def format_results(results: list[BenchResult]) -> str:
+    lines = [f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'decode tok/s':>14}"
+             f"{'prefill tok/s':>15}{'compile s':>11}{'compiles':>10}"]
+    for r in results:
+        compile_s = f"{r.compile_seconds:.1f}" if r.compile_seconds is not None else "-"
+        compiles = str(r.num_compiles) if r.num_compiles is not None else "-"
+        lines.append(f"{r.name:<14}{r.ttft * 1e3:>10.1f}{r.tpot * 1e3:>10.2f}"
+                     f"{r.decode_tokens_per_second:>14.1f}{r.prefill_tokens_per_second:>15.1f}"
+                     f"{compile_s:>11}{compiles:>10}")
+    if len(results) == 2:
+        ours, ref = results
+        lines.append(f"folojax / transformers: decode tok/s x"
+                     f"{ours.decode_tokens_per_second / ref.decode_tokens_per_second:.2f}, "
+                     f"prefill (TTFT) x{ref.ttft / ours.ttft:.2f}")
+    return "\n".join(lines)
