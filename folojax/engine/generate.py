@@ -27,7 +27,8 @@ MIN_KV_BUCKET = 256  # attended cache lengths to 256, 512, ...: few decode compi
 
 @dataclasses.dataclass
 class GenerateResult:
-    """Per row (prompt): generated ids, why each stopped, and the cache holding the sequences."""
+    """Per row (prompt): generated ids, why each stopped, and the cache, which holds each row's
+    prompt and all its generated tokens but the last."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
@@ -120,6 +121,12 @@ def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config
             break
         pending = upcoming
 
+    # A speculative step may have fed some rows' last token; either way the cache is defined to
+    # hold each row's prompt and every generated token but the last (which was never fed back).
+    final_lengths = start_lengths.copy()
+    for row, s in enumerate(sequences):
+        final_lengths[row] += len(s.prompt_token_ids) + len(s.token_ids) - 1
+    cache = dataclasses.replace(cache, lengths=jnp.asarray(final_lengths, jnp.int32))
     return GenerateResult(
         token_ids=[s.token_ids for s in sequences],
         finish_reasons=[s.finish_reason for s in sequences],

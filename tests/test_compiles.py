@@ -1,0 +1,20 @@
+"""Bucketed shapes keep compilation to a handful of traces."""
+
+import jax
+
+import folojax
+
+
+def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
+    model = tiny_qwen3.model
+    sampling = folojax.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    before = folojax.num_compiles("step_and_sample")
+    for length in (1, 2, 7, 15, 16, 17, 33, 100, 130, 255, 256, 257, 600, 999, 1000):
+        cache = folojax.init_cache(model.config, batch_size=1, max_seq_len=1024)
+        result = folojax.generate(model.params, cache, jax.random.key(0),
+                                  [3 + (i % 300) for i in range(length)], config=model.config,
+                                  sampling=sampling)
+        assert len(result.token_ids[0]) == 3
+    # Prompt buckets 16..1024 (7) plus at most one decode shape per attended-length bucket
+    # (256, 512, 1024): far fewer than the 15 lengths, let alone one per length.
+    assert folojax.num_compiles("step_and_sample") - before <= 10

@@ -1,0 +1,139 @@
+"""Bad input gets a specific exception that names the problem, and the engine keeps working."""
+
+import json
+import os
+import shutil
+
+import jax
+import pytest
+
+import folojax
+from folojax.errors import CheckpointError, UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return folojax.LLM(model=tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
+                       max_model_len=64)
+
+
+GREEDY = folojax.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+def assert_still_works(llm):
+    outputs = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("prompt, error, message", [
+    ({"prompt_token_ids": []}, ValueError, "empty"),
+    ({"prompt_token_ids": list(range(3, 67))}, ValueError, "64 tokens but max_model_len"),
+    ({"prompt_token_ids": [5, 320]}, ValueError, r"outside \[0, 320\)"),
+    ("text without a tokenizer", ValueError, "skip_tokenizer_init"),
+    (42, TypeError, "a prompt is a string"),
+])
+def test_bad_prompts_raise_and_llm_still_works(llm, prompt, error, message):
+    with pytest.raises(error, match=message):
+        llm.generate([{"prompt_token_ids": [1, 2]}, prompt], GREEDY, use_tqdm=False)
+    assert_still_works(llm)
+
+
+def test_wrong_number_of_sampling_params(llm):
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate([{"prompt_token_ids": [3]}], [GREEDY, GREEDY], use_tqdm=False)
+    assert_still_works(llm)
+
+
+def test_functional_generate_rejects_more_prompts_than_cache_rows(tiny_qwen3):
+    model = tiny_qwen3.model
+    cache = folojax.init_cache(model.config, batch_size=1, max_seq_len=32)
+    with pytest.raises(ValueError, match="2 prompts but the cache has batch_size=1"):
+        folojax.generate(model.params, cache, jax.random.key(0), [[3, 4], [5]],
+                         config=model.config)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        folojax.generate(model.params, cache, jax.random.key(0), [3, 4], config=model.config,
+                         sampling=folojax.SamplingParams(stop=["x"]))
+
+
+def test_missing_checkpoint_path():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        folojax.load_model("./no/such/model/dir")
+
+
+def test_offline_hub_id_fails_fast_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="pass a local path"):
+        folojax.load_model("Qwen/Qwen3-0.6B")
+
+
+def copy_checkpoint(tiny, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny.path, target)
+    return target
+
+
+def test_truncated_weights_name_the_file(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    weights = path / "model.safetensors"
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated: tensor"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_corrupt_header(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    with open(path / "model.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def edit_config(path, **changes):
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+
+
+def test_unknown_architecture(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    edit_config(path, architectures=["MambaForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="'MambaForCausalLM' .* not supported"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_misshaped_tensor_is_named(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    edit_config(path, intermediate_size=96)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
+                                              r"\(128, 64\), expected \(96, 64\)"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_missing_tensor_is_named(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    edit_config(path, num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match="missing .* model.layers.2"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_unexpected_tensor_is_named(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    edit_config(path, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match="unexpected tensor.*model.layers.1"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_heads_not_divisible_by_kv_heads(tiny_qwen3, tmp_path):
+    path = copy_checkpoint(tiny_qwen3, tmp_path)
+    edit_config(path, num_key_value_heads=3)
+    with pytest.raises(ValueError, match=r"num_heads \(4\) must be divisible by num_kv_heads"):
+        folojax.load_model(str(path), load_tokenizer=False)
+
+
+def test_unsupported_dtype():
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        folojax.load_model(None, dtype="int8")
