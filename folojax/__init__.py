@@ -1,8 +1,19 @@
-"""folojax: LLM inference the JAX way."""
+"""folojax: LLM inference the JAX way.
+
+Functional core: load_model, forward, init_cache, prefill, decode_step, generate.
+Engine: LLM (vLLM's offline API), SamplingParams, RequestOutput.
+"""
+
+from folojax.engine.generate import GenerateResult, generate
+from folojax.engine.llm import LLM
 from folojax.model.decoder import decode_step, forward, num_compiles, prefill
 from folojax.ops.kv_cache import KVCache, init_cache
-from folojax.weights.loader import Model, load_model
-from folojax.engine.generate import GenerateResult, generate
-from folojax.sampling_params import SamplingParams
-from folojax.engine.llm import LLM
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from folojax.sampling_params import SamplingParams
+from folojax.weights.loader import Model, load_model
+
+__all__ = [
+    "LLM", "CompletionOutput", "GenerateResult", "KVCache", "Model", "RequestMetrics",
+    "RequestOutput", "SamplingParams", "decode_step", "forward", "generate", "init_cache",
+    "load_model", "num_compiles", "prefill",
+]

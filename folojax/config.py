@@ -1,4 +1,4 @@
-"""Frozen, hashable configs: ModelConfig is a static jit argument; the others validate engine knobs."""
+"""Frozen, hashable configs. ModelConfig is a static jit argument; the others validate knobs."""
 
 from __future__ import annotations
 

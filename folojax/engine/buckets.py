@@ -1,4 +1,5 @@
-"""Shape buckets: pad lengths and batch sizes to powers of two so jit compiles a handful of times."""
+"""Shape buckets: lengths and batch sizes padded to powers of two, so jit compiles a handful of
+times rather than once per shape."""
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:

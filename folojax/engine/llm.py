@@ -133,7 +133,8 @@ class LLM:
             for child in range(sampling.n):
                 seed = sampling.seed
                 if seed is not None and child > 0:
-                    seed = int(np.random.SeedSequence(seed, spawn_key=(child,)).generate_state(1)[0])
+                    spawned = np.random.SeedSequence(seed, spawn_key=(child,))
+                    seed = int(spawned.generate_state(1)[0])
                 rows.append((index, child, dataclasses.replace(sampling, n=1, seed=seed)))
         return rows
 

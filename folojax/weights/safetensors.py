@@ -45,7 +45,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for name, info in header.items():
         dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

@@ -37,7 +37,8 @@ def random_ids(length, seed=0, batch=None, vocab=320):
 
 def test_forward_logits_match_torch(tiny):
     ids = random_ids(23, batch=2)
-    assert_close(folojax.forward(tiny.model.params, tiny.model.config, ids), torch_logits(tiny, ids))
+    logits = folojax.forward(tiny.model.params, tiny.model.config, ids)
+    assert_close(logits, torch_logits(tiny, ids))
 
 
 def test_prefill_then_decode_matches_forward(tiny):

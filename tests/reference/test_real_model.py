@@ -1,0 +1,83 @@
+"""The embedded SmolLM2-135M-Instruct (Q4_1 GGUF) against transformers+torch on the same file."""
+
+import os
+
+import pytest
+import torch
+import transformers
+
+import folojax
+from folojax.weights.loader import embedded_model_path
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    path = embedded_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def test_greedy_chat_answer_names_paris(smollm2):
+    outputs = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                           folojax.SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    completion = outputs[0].outputs[0]
+    assert "Paris" in completion.text
+    assert completion.finish_reason == "stop" and completion.token_ids[-1] == 2  # <|im_end|>
+    assert "<|im_end|>" not in completion.text
+
+
+def test_greedy_token_ids_equal_transformers_on_the_same_gguf(smollm2, hf_smollm2):
+    tokenizer = smollm2.get_tokenizer()
+    prompts = ["Once upon a time, in a small village,", "def fibonacci(n):",
+               "The three primary colors are"]
+    sampling = folojax.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = smollm2.generate(prompts, sampling, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        ids = tokenizer(prompt).input_ids
+        assert output.prompt_token_ids == ids
+        with torch.no_grad():
+            reference = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=24,
+                                            do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert output.outputs[0].token_ids == reference[0, len(ids):].tolist(), prompt
+        assert output.outputs[0].text == tokenizer.decode(output.outputs[0].token_ids,
+                                                          skip_special_tokens=True)
+
+
+def test_stop_string_cuts_the_text(smollm2):
+    sampling = folojax.SamplingParams(temperature=0, max_tokens=40, stop=["five"])
+    completion = smollm2.generate(["Count: one, two,"], sampling, use_tqdm=False)[0].outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == "five"
+    assert completion.text == " three, four, "
+    with_stop = smollm2.generate(["Count: one, two,"], folojax.SamplingParams(
+        temperature=0, max_tokens=40, stop=["five"], include_stop_str_in_output=True),
+        use_tqdm=False)[0].outputs[0]
+    assert with_stop.text == " three, four, five"
+
+
+def test_stop_token_ids_and_min_tokens(smollm2):
+    tokenizer = smollm2.get_tokenizer()
+    comma = tokenizer.encode(",")[0]
+    completion = smollm2.generate(["Count: one, two,"], folojax.SamplingParams(
+        temperature=0, max_tokens=40, stop_token_ids=[comma]), use_tqdm=False)[0].outputs[0]
+    assert completion.token_ids[-1] == comma and completion.stop_reason == comma
+    assert completion.token_ids.count(comma) == 1
+    min_tokens = len(completion.token_ids) + 1
+    longer = smollm2.generate(["Count: one, two,"], folojax.SamplingParams(
+        temperature=0, max_tokens=40, stop_token_ids=[comma], min_tokens=min_tokens),
+        use_tqdm=False)[0].outputs[0]
+    assert comma not in longer.token_ids[:min_tokens]  # banned until min_tokens
+    assert len(longer.token_ids) > min_tokens and longer.token_ids[-1] == comma
+
+
+def test_n_completions_and_seeds(smollm2):
+    # ignore_eos: after this prompt EOS has probability 0.46, and the texts must differ.
+    sampling = folojax.SamplingParams(temperature=1.0, max_tokens=12, seed=7, n=3,
+                                      ignore_eos=True)
+    outputs = smollm2.generate(["Tell me a story about a cat."], sampling, use_tqdm=False)[0]
+    texts = [c.text for c in outputs.outputs]
+    assert [c.index for c in outputs.outputs] == [0, 1, 2] and len(set(texts)) == 3
+    single = smollm2.generate(["Tell me a story about a cat."], folojax.SamplingParams(
+        temperature=1.0, max_tokens=12, seed=7, ignore_eos=True), use_tqdm=False)[0]
+    assert single.outputs[0].token_ids == outputs.outputs[0].token_ids

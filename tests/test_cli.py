@@ -1,0 +1,42 @@
+"""The `folojax` command line."""
+
+import json
+
+import pytest
+
+import folojax
+from folojax.cli import main
+
+
+def test_init_random_writes_a_loadable_checkpoint(tmp_path):
+    config = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 96, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256,
+              "tie_word_embeddings": True, "eos_token_id": 1}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "random"
+    assert main(["init-random", "--config", str(config_path), "--out", str(out)]) == 0
+    model = folojax.load_model(str(out), dtype="float32", load_tokenizer=False)
+    assert model.config.hidden_size == 32 and len(model.params["layers"]) == 2
+
+
+def test_bench_reports_both_engines(tiny_qwen3, capsys):
+    assert main(["bench", "--model", tiny_qwen3.path, "--prompt-len", "16", "--max-tokens", "4",
+                 "--repeats", "1", "--compare-hf", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "folojax " in out and "transformers " in out and "decode tok/s x" in out
+
+
+def test_bad_argument_exits_with_a_clear_error(capsys):
+    assert main(["generate", "--prompt", "hi", "--model", "/no/such/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_generate_prints_text_and_timings(capsys):
+    assert main(["generate", "--chat", "--prompt", "What is the capital of France?",
+                 "--max-tokens", "16", "--max-model-len", "512"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out
+    assert "TTFT" in captured.err and "TPOT" in captured.err and "tokens/s" in captured.err
