@@ -49,6 +49,7 @@ def _attention_block(x, layer, config, cos, sin, layer_index, cache, positions, 
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
     if cache is None:
         keys, values = k, v
     else:
