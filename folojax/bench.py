@@ -3,8 +3,9 @@ model and workload in the same run (--compare-hf).
 
 Workload: batch_size prompts of prompt_len random token ids, then max_tokens greedy tokens with
 EOS ignored. Compilation is measured separately: the first (warm-up) run pays it, the timed runs
-don't. For transformers, TTFT is one forward over the prompts and TPOT is the rest of a
-`generate(max_new_tokens=max_tokens)` per token.
+don't. For transformers, TTFT is `generate(max_new_tokens=1)` and TPOT is
+(generate(max_new_tokens=max_tokens) - TTFT) / (max_tokens - 1): both timings contain the same
+prefill, so the difference is decoding alone.
 """
 
 import dataclasses
@@ -94,17 +95,14 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def prefill():
-        model(ids)
+    def generate(num_tokens):
+        return lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+                                      do_sample=False, pad_token_id=0)
 
-    def full():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-
-    timed(prefill)
-    timed(full)  # warm-up
-    ttft = statistics.median(timed(prefill) for _ in range(repeats))
-    total = statistics.median(timed(full) for _ in range(repeats))
+    timed(generate(max_tokens))  # warm-up
+    ttft = statistics.median(timed(generate(1)) for _ in range(repeats))
+    total = statistics.median(timed(generate(max_tokens)) for _ in range(repeats))
     return BenchResult("transformers", ttft, (total - ttft) / (max_tokens - 1), len(prompts),
                        len(prompts[0]))
 
