@@ -20,7 +20,7 @@ from folojax.engine.generate import generate
 from folojax.model.decoder import num_compiles
 from folojax.ops.kv_cache import init_cache
 from folojax.sampling_params import SamplingParams
-from folojax.weights.loader import load_model, resolve_model_path
+from folojax.weights.loader import load_model, resolve_dtype, resolve_model_path
 
 
 @dataclasses.dataclass
@@ -118,15 +118,9 @@ def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
     results = [bench_folojax(model, prompts, max_tokens, repeats)]
     if compare_hf:
         del model
-        results.append(bench_transformers(path, _dtype_name(dtype), prompts, max_tokens,
-                                          repeats))
+        results.append(bench_transformers(path, np.dtype(resolve_dtype(dtype)).name, prompts,
+                                          max_tokens, repeats))
     return results
-
-
-def _dtype_name(dtype: str) -> str:
-    from folojax.weights.loader import resolve_dtype
-
-    return np.dtype(resolve_dtype(dtype)).name
 
 
 def format_results(results: list[BenchResult]) -> str:

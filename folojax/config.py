@@ -66,7 +66,10 @@ class ModelConfig:
                 f"architecture {architecture!r} (config.json 'architectures') is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        _check_rope_scaling(hf.get("rope_scaling"))
+        # transformers >= 5 writes rope_theta inside "rope_parameters"; older files at top level.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        _check_rope_scaling(rope)
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         num_heads = hf["num_attention_heads"]
         hidden_size = hf["hidden_size"]
         eos = hf.get("eos_token_id")
@@ -80,7 +83,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim") or hidden_size // num_heads,
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             use_qk_norm=architecture == "Qwen3ForCausalLM",
@@ -96,10 +99,8 @@ class ModelConfig:
             return cls.from_hf_config(json.load(f))
 
 
-def _check_rope_scaling(rope_scaling: dict | None) -> None:
-    if rope_scaling is None:
-        return
-    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+def _check_rope_scaling(rope: dict) -> None:
+    kind = rope.get("rope_type", rope.get("type"))
     if kind not in (None, "default"):
         raise UnsupportedModelError(
             f"rope_scaling type {kind!r} is not supported (only unscaled RoPE is implemented)"
@@ -112,25 +113,19 @@ class CacheConfig:
     batch_size: int = 1
 
     def __post_init__(self):
-        if self.max_seq_len <= 0 or self.batch_size <= 0:
-            raise ValueError(
-                f"CacheConfig needs positive max_seq_len and batch_size, "
-                f"got max_seq_len={self.max_seq_len}, batch_size={self.batch_size}"
-            )
+        for name in ("max_seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"cache {name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # rows decoded together
-    max_num_batched_tokens: int = 8192  # prompt tokens prefilled together
+    max_num_seqs: int = 16  # rows generated together in one batch
 
     def __post_init__(self):
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens <= 0:
-            raise ValueError(
-                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
-            )
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 import os
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 def load_tokenizer(path: str):
     """A transformers tokenizer from a model directory or a .gguf file."""
@@ -9,9 +11,57 @@ def load_tokenizer(path: str):
 
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                             gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)
+        return load_gguf_tokenizer(path)
+    # transformers 5 quietly builds an empty tokenizer for a directory with none of these.
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name))
+                                       for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass tokenizer=PATH, "
+            "or skip_tokenizer_init=True and prompt_token_ids"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{path}: no usable tokenizer ({type(e).__name__}); pass tokenizer=PATH, or "
+            "skip_tokenizer_init=True and prompt_token_ids"
+        ) from None
+
+
+# GGUF special-token names -> the tokenizer's keyword arguments.
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                        "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer a GGUF file describes, built as transformers builds it, without torch.
+
+    transformers' own route (AutoTokenizer(gguf_file=...)) reads the metadata with a reader that
+    imports torch, a test-only dependency here; we read it with the `gguf` package and hand it to
+    transformers' converter. Tests check the result encodes exactly like transformers' route.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    from folojax.weights.gguf import field, open_gguf
+
+    reader = open_gguf(path)
+    groups = {
+        group: {ours: field(reader, f"tokenizer.{theirs}") for theirs, ours in names.items()
+                if f"tokenizer.{theirs}" in reader.fields}
+        for group, names in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece: llama.cpp adds BOS
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = field(reader, f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = None if token_id is None else tokenizer_dict["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(field(reader, "general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,

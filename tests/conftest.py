@@ -20,24 +20,29 @@ class TinyCheckpoint:
     model: folojax.Model
 
 
-# name -> (transformers config class, kwargs). Each covers a different attention layout.
+# name -> (transformers config class, kwargs). Each covers a different attention layout; none
+# uses the default rope_theta, so a config reader that misses it fails the equivalence tests.
 TINY_CONFIGS = {
     "qwen3_gqa_tied": (transformers.Qwen3Config, dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+        rope_theta=1_000_000.0)),
     "qwen3_mha_untied": (transformers.Qwen3Config, dict(
-        num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)),
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False,
+        rope_theta=500.0)),
     "llama_mqa": (transformers.LlamaConfig, dict(
-        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)),
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+        rope_theta=100.0)),
     "qwen2_bias": (transformers.Qwen2Config, dict(
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_theta=300.0)),
 }
 
 
 def make_tiny_checkpoint(name: str, directory: str, seed: int = 0) -> TinyCheckpoint:
     config_class, kwargs = TINY_CONFIGS[name]
     config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, max_position_embeddings=1024, rope_theta=10000.0,
-                          eos_token_id=2, bos_token_id=1, **kwargs)
+                          num_hidden_layers=2, max_position_embeddings=1024, eos_token_id=2,
+                          bos_token_id=1, **kwargs)
     torch.manual_seed(seed)
     torch_model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger-than-default weights make the logits far from uniform

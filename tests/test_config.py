@@ -17,6 +17,16 @@ def test_qwen3_config_from_json_is_hashable_and_complete():
     assert config.eos_token_ids == (151645,) and config.num_query_groups == 2
 
 
+def test_rope_theta_is_read_from_either_config_format():
+    """transformers >= 5 writes rope_theta inside rope_parameters; older files at top level."""
+    base = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    new = ModelConfig.from_hf_config(
+        {**base, "rope_parameters": {"rope_theta": 12345.0, "rope_type": "default"}})
+    old = ModelConfig.from_hf_config({**base, "rope_theta": 12345.0})
+    assert new.rope_theta == old.rope_theta == 12345.0
+
+
 def test_unsupported_rope_scaling_is_rejected():
     hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -55,6 +55,19 @@ def test_functional_generate_rejects_more_prompts_than_cache_rows(tiny_qwen3):
                          sampling=folojax.SamplingParams(stop=["x"]))
 
 
+def test_model_directory_without_a_tokenizer(tiny_qwen3):
+    with pytest.raises(FileNotFoundError, match="no tokenizer files.*skip_tokenizer_init=True"):
+        folojax.LLM(model=tiny_qwen3.path)
+
+
+def test_bad_cache_shape(tiny_qwen3):
+    config = tiny_qwen3.model.config
+    with pytest.raises(ValueError, match="cache batch_size must be a positive int, got 0"):
+        folojax.init_cache(config, batch_size=0, max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len=4096 exceeds the model's max_position"):
+        folojax.init_cache(config, batch_size=1, max_seq_len=4096)
+
+
 def test_missing_checkpoint_path():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         folojax.load_model("./no/such/model/dir")

@@ -33,6 +33,13 @@ def test_top_p_mask(top_p, expected):
     assert kept(masked) == expected
 
 
+def test_top_p_one_keeps_the_far_tail():
+    """float32 cumulative sums reach 1.0 before the tail ends; top_p=1 must still keep it."""
+    logits = jnp.concatenate([jnp.array([[30.0]]), jnp.zeros((1, 1000))], axis=-1)
+    masked = apply_top_k_top_p(logits, jnp.array([0]), jnp.array([1.0]))
+    assert len(kept(masked)) == 1001
+
+
 def test_top_k_then_top_p_renormalizes_within_top_k():
     # Within the top 2 (0.4, 0.3), token 1 holds 0.4/0.7 = 0.57 of the mass: top_p=0.5 keeps it.
     masked = apply_top_k_top_p(LOGITS, jnp.array([2]), jnp.array([0.5]))

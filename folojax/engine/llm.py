@@ -48,15 +48,13 @@ class LLM:
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 skip_tokenizer_init: bool = False, max_num_seqs: int = 16,
-                 max_num_batched_tokens: int = 8192):
+                 skip_tokenizer_init: bool = False, max_num_seqs: int = 16):
         self.model = load_model(model, dtype, load_tokenizer=not skip_tokenizer_init,
                                 tokenizer=tokenizer)
         config = self.model.config
         self.engine_config = EngineConfig(
             model=config,
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
             max_model_len=max_model_len or config.max_position_embeddings,
             dtype=np.dtype(self.model.dtype).name,
         )

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from folojax.config import ModelConfig
+from folojax.config import CacheConfig, ModelConfig
 
 
 @jax.tree_util.register_dataclass
@@ -36,11 +36,7 @@ def init_cache(
     config: ModelConfig, batch_size: int, max_seq_len: int, dtype: jnp.dtype = jnp.float32
 ) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_seq_len` tokens each."""
-    if batch_size <= 0 or max_seq_len <= 0:
-        raise ValueError(
-            f"init_cache needs positive batch_size and max_seq_len, "
-            f"got batch_size={batch_size}, max_seq_len={max_seq_len}"
-        )
+    CacheConfig(max_seq_len=max_seq_len, batch_size=batch_size)  # validates both
     if max_seq_len > config.max_position_embeddings:
         raise ValueError(
             f"max_seq_len={max_seq_len} exceeds the model's "

@@ -75,7 +75,9 @@ def apply_top_k_top_p(logits, top_k, top_p):
     in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
     sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, _NEG_INF), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    num_kept = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1), 1)
+    # top_p >= 1 keeps everything, even where float32 sums of the tail round up to 1.
+    in_nucleus = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    num_kept = jnp.maximum(jnp.sum(in_nucleus & in_top_k, axis=-1), 1)
     threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
     return jnp.where(logits < threshold, _NEG_INF, logits)
 

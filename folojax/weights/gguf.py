@@ -43,7 +43,7 @@ def _hf_name(gguf_name: str) -> str:
     return gguf_name  # reported as unexpected by build_params
 
 
-def _open(path: str):
+def open_gguf(path: str):
     import gguf  # optional at import time: the GPU machine has no gguf package
 
     try:
@@ -55,43 +55,43 @@ def _open(path: str):
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _field(reader, key: str, default=None):
+def field(reader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
 def config_from_gguf(reader, path: str) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+    arch = field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: "
             f"{', '.join(_ARCHITECTURES)}"
         )
-    if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+    if field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
         raise UnsupportedModelError(f"{path}: RoPE scaling is not supported")
-    hidden = _field(reader, f"{arch}.embedding_length")
-    num_heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = field(reader, f"{arch}.embedding_length")
+    num_heads = field(reader, f"{arch}.attention.head_count")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    vocab = field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         architecture=_ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
-        num_layers=_field(reader, f"{arch}.block_count"),
+        intermediate_size=field(reader, f"{arch}.feed_forward_length"),
+        num_layers=field(reader, f"{arch}.block_count"),
         num_heads=num_heads,
-        num_kv_heads=_field(reader, f"{arch}.attention.head_count_kv", num_heads),
-        head_dim=_field(reader, f"{arch}.attention.key_length", hidden // num_heads),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        num_kv_heads=field(reader, f"{arch}.attention.head_count_kv", num_heads),
+        head_dim=field(reader, f"{arch}.attention.key_length", hidden // num_heads),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
         use_qk_norm=arch == "qwen3",
         attention_bias=arch == "qwen2",
-        max_position_embeddings=_field(reader, f"{arch}.context_length", 4096),
+        max_position_embeddings=field(reader, f"{arch}.context_length", 4096),
         eos_token_ids=() if eos is None else (int(eos),),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
     )
 
 
@@ -107,7 +107,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, list[str], callable
     import gguf
 
     path = os.fspath(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {_hf_name(t.name): t for t in reader.tensors}
     permute_heads = {"self_attn.q_proj.weight": config.num_heads,
