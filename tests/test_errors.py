@@ -28,7 +28,8 @@ def assert_still_works(llm):
 @pytest.mark.parametrize("prompt, error, message", [
     ({"prompt_token_ids": []}, ValueError, "empty"),
     ({"prompt_token_ids": list(range(3, 67))}, ValueError, "64 tokens but max_model_len"),
-    ({"prompt_token_ids": [5, 320]}, ValueError, r"outside \[0, 320\)"),
+    ({"prompt_token_ids": [5, 320]}, ValueError, r"invalid token ids .* \[0, 320\)\): \[320\]"),
+    ({"prompt_token_ids": [5, "6"]}, ValueError, r"invalid token ids .*: \['6'\]"),
     ("text without a tokenizer", ValueError, "skip_tokenizer_init"),
     (42, TypeError, "a prompt is a string"),
 ])

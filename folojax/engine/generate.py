@@ -55,7 +55,8 @@ def validate_prompt(prompt: list[int], vocab_size: int, room: int, where: str = 
         raise ValueError(f"{where} is empty: at least one token is needed")
     bad = [t for t in prompt if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"{where} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        raise ValueError(f"{where} has invalid token ids (ids are ints in [0, {vocab_size})): "
+                         f"{bad[:5]}")
     if len(prompt) >= room:
         raise ValueError(
             f"{where} has {len(prompt)} tokens but max_model_len leaves room for {room} in total "

@@ -116,12 +116,12 @@ class LLM:
         ids = prompt.get("prompt_token_ids")
         if ids is None:
             ids = self._require_tokenizer("a text prompt")(text).input_ids
-        ids = [int(t) for t in ids]
+        ids = list(ids)
         if sampling.stop and self.model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
         max_model_len = self.engine_config.max_model_len
         validate_prompt(ids, self.model.config.vocab_size, max_model_len)
-        return _Request(str(next(self._request_counter)), text, ids, sampling)
+        return _Request(str(next(self._request_counter)), text, [int(t) for t in ids], sampling)
 
     def _rows(self, requests: list[_Request]) -> list[tuple[int, int, SamplingParams]]:
         """(request index, child index, sampling) for every completion to generate."""
