@@ -40,11 +40,16 @@ def load_gguf_tokenizer(path: str):
     imports torch, a test-only dependency here; we read it with the `gguf` package and hand it to
     transformers' converter. Tests check the result encodes exactly like transformers' route.
     """
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:  # other transformers versions: their public route (needs torch)
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                             gguf_file=os.path.basename(path))
 
     from folojax.weights.gguf import field, open_gguf
 
