@@ -80,8 +80,8 @@ def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config
     samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams(
         temperature=0.0)] * len(prompts)
     eos_token_ids = config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-    _check_request(prompts, samplings, cache, config, tokenizer)
-    start_lengths = np.asarray(cache.lengths)
+    start_lengths = np.asarray(cache.lengths)  # tokens each row already holds
+    _check_request(prompts, samplings, cache, start_lengths, config, tokenizer)
     max_seq_len = cache.max_seq_len
     start = time.perf_counter()
     sequences = [
@@ -156,13 +156,12 @@ def _record(sequences: list[Sequence], rows: list[int], step_output) -> None:
         sequence.append(int(tokens[row]), step_logprobs)
 
 
-def _check_request(prompts, samplings, cache, config, tokenizer) -> None:
+def _check_request(prompts, samplings, cache, start_lengths, config, tokenizer) -> None:
     if len(samplings) != len(prompts):
         raise ValueError(f"got {len(samplings)} SamplingParams for {len(prompts)} prompts")
     if len(prompts) > cache.batch_size:
         raise ValueError(f"{len(prompts)} prompts but the cache has batch_size="
                          f"{cache.batch_size}; one row per prompt")
-    start_lengths = np.asarray(cache.lengths)
     for row, (prompt, sampling) in enumerate(zip(prompts, samplings, strict=True)):
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")

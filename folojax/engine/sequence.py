@@ -2,6 +2,7 @@
 
 import time
 
+from folojax.outputs import RequestMetrics
 from folojax.sampling_params import SamplingParams
 from folojax.tokenizer import IncrementalDetokenizer
 
@@ -89,9 +90,7 @@ class Sequence:
             self.text += self.detokenizer.add(stop_token)
         self.text += self.detokenizer.flush()
 
-    def metrics(self):
-        from folojax.outputs import RequestMetrics
-
+    def metrics(self) -> RequestMetrics:
         end = self.finish_time or time.perf_counter()
         first = self.first_token_time or end
         num = len(self.token_ids)
