@@ -119,13 +119,36 @@ class CacheConfig:
                 raise ValueError(f"cache {name} must be a positive int, got {value!r}")
 
 
+def _check_positive_ints(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # rows generated together in one batch
+    max_num_seqs: int = 16  # requests running at once
+    max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True  # split prompts longer than the budget over steps
 
     def __post_init__(self):
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+        _check_positive_ints(self, "max_num_seqs", "max_num_batched_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheConfig:
+    block_size: int = 16  # tokens per block of the paged cache
+    num_blocks: int = 1
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        _check_positive_ints(self, "block_size", "num_blocks")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.block_size * self.num_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +157,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     max_model_len: int
     dtype: str
+    kv_cache: KVCacheConfig = KVCacheConfig()
 
     def __post_init__(self):
         if not 0 < self.max_model_len:
@@ -143,3 +167,10 @@ class EngineConfig:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={self.model.max_position_embeddings}"
             )
+        scheduler = self.scheduler
+        if not scheduler.enable_chunked_prefill and (
+                scheduler.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(
+                f"max_num_batched_tokens={scheduler.max_num_batched_tokens} is below "
+                f"max_model_len={self.max_model_len}: without chunked prefill every prompt must "
+                "fit in one step's token budget")

@@ -7,12 +7,13 @@ import dataclasses
 
 @dataclasses.dataclass
 class RequestMetrics:
-    """Seconds, measured on the host from when generation of the request started."""
+    """Seconds, measured on the host from the request's arrival."""
 
     ttft: float  # time to first token
     tpot: float  # time per output token after the first
     e2e_latency: float
     num_output_tokens: int
+    queue_time: float = 0.0  # from arrival until first scheduled
 
     @property
     def tokens_per_second(self) -> float:
@@ -41,3 +42,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -1,9 +1,8 @@
-"""folojax.LLM: vLLM's offline API (generate, chat) over the functional generate loop.
+"""folojax.LLM: vLLM's offline API (generate, chat) over the LLMEngine's step loop.
 
 Requests are validated and tokenized first, so bad input raises before any device work and the
-LLM stays usable. They then run as padded batches of up to max_num_seqs rows (continuous batching
-comes with the paged engine). SamplingParams(n=k) takes k rows; child j > 0 of a seeded request
-gets a seed spawned from (seed, j), so child 0 matches the same request with n=1.
+LLM stays usable. Then all of them are queued and the engine steps until every one is finished:
+continuous batching over the paged KV cache, with chunked prefill and prefix caching.
 """
 
 from __future__ import annotations
@@ -15,24 +14,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from folojax.config import EngineConfig, SchedulerConfig
-from folojax.engine.buckets import bucket
-from folojax.engine.generate import generate, validate_prompt
-from folojax.ops.kv_cache import init_cache
-from folojax.outputs import CompletionOutput, RequestOutput
+from folojax.config import EngineConfig, KVCacheConfig, ModelConfig, SchedulerConfig
+from folojax.engine.kv_cache_manager import cdiv
+from folojax.engine.llm_engine import LLMEngine
+from folojax.ops.paged_kv_cache import cache_bytes_per_token
+from folojax.outputs import RequestOutput
 from folojax.sampling_params import SamplingParams
 from folojax.tokenizer import apply_chat_template
 from folojax.weights.loader import load_model
 
-MIN_CACHE_BUCKET = 256  # cache lengths are bucketed too: each shape compiles its own step
-
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+DEFAULT_ACCELERATOR_KV_CACHE_FRACTION = 0.5  # of the device memory free after loading weights
 
 
 class LLM:
@@ -44,23 +36,42 @@ class LLM:
       dtype: "auto" (bfloat16 on an accelerator, float32 on CPU), "float32", "bfloat16", "float16".
       max_model_len: longest prompt plus output; default the model's max_position_embeddings.
       seed: randomness for requests without their own seed.
+      block_size: tokens per KV-cache block.
+      num_kv_blocks: blocks in the pool; None sizes it from kv_cache_memory_bytes, or by default
+        512 MiB on CPU and half the free memory on an accelerator (never more than max_num_seqs
+        requests of max_model_len need).
+      max_num_seqs: requests running at once.
+      max_num_batched_tokens: tokens computed per step (default 1024, or max_model_len without
+        chunked prefill).
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 skip_tokenizer_init: bool = False, max_num_seqs: int = 16):
+                 skip_tokenizer_init: bool = False, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True):
         self.model = load_model(model, dtype, load_tokenizer=not skip_tokenizer_init,
                                 tokenizer=tokenizer)
         config = self.model.config
+        max_model_len = max_model_len or config.max_position_embeddings
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 1024 if enable_chunked_prefill else max_model_len
+        kv_cache = KVCacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+        kv_cache = dataclasses.replace(kv_cache, num_blocks=_num_kv_blocks(
+            config, self.model.dtype, block_size, num_kv_blocks, kv_cache_memory_bytes,
+            max_num_seqs, max_model_len))
         self.engine_config = EngineConfig(
             model=config,
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-            max_model_len=max_model_len or config.max_position_embeddings,
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_chunked_prefill=enable_chunked_prefill),
+            max_model_len=max_model_len,
             dtype=np.dtype(self.model.dtype).name,
+            kv_cache=kv_cache,
         )
-        self._key = jax.random.key(seed)
+        self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
         self._request_counter = itertools.count()
-        self._batch_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.model.tokenizer
@@ -105,9 +116,8 @@ class LLM:
                              "skip_tokenizer_init=True; pass prompt_token_ids instead")
         return self.model.tokenizer
 
-    def _make_request(self, prompt, sampling: SamplingParams) -> _Request:
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"expected SamplingParams, got {type(sampling).__name__}")
+    def _make_request(self, prompt, sampling: SamplingParams) -> dict:
+        """Tokenizes and validates one prompt; returns the arguments of add_request."""
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
         if not isinstance(prompt, dict) or not {"prompt", "prompt_token_ids"} & prompt.keys():
@@ -116,64 +126,48 @@ class LLM:
         ids = prompt.get("prompt_token_ids")
         if ids is None:
             ids = self._require_tokenizer("a text prompt")(text).input_ids
-        ids = list(ids)
-        if sampling.stop and self.model.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
-        max_model_len = self.engine_config.max_model_len
-        validate_prompt(ids, self.model.config.vocab_size, max_model_len)
-        return _Request(str(next(self._request_counter)), text, [int(t) for t in ids], sampling)
+        request_id = str(next(self._request_counter))
+        self.llm_engine.validate_request(request_id, list(ids), sampling)
+        return dict(request_id=request_id, prompt_token_ids=list(ids), sampling_params=sampling,
+                    prompt=text)
 
-    def _rows(self, requests: list[_Request]) -> list[tuple[int, int, SamplingParams]]:
-        """(request index, child index, sampling) for every completion to generate."""
-        rows = []
-        for index, request in enumerate(requests):
-            sampling = request.sampling
-            for child in range(sampling.n):
-                seed = sampling.seed
-                if seed is not None and child > 0:
-                    spawned = np.random.SeedSequence(seed, spawn_key=(child,))
-                    seed = int(spawned.generate_state(1)[0])
-                rows.append((index, child, dataclasses.replace(sampling, n=1, seed=seed)))
-        return rows
+    def _run(self, requests: list[dict], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        try:
+            for request in requests:
+                engine.add_request(**request)
+            with tqdm(total=len(requests), desc="Generating", disable=not use_tqdm) as progress:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            progress.update(1)
+        finally:  # an interrupted run leaves nothing queued behind
+            for request in requests:
+                if request["request_id"] not in finished:
+                    engine.abort_request(request["request_id"])
+        return [finished[r["request_id"]] for r in requests]
 
-    def _run(self, requests: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
-        completions: list[list[CompletionOutput | None]] = [[None] * r.sampling.n for r in requests]
-        metrics = [None] * len(requests)
-        rows = self._rows(requests)
-        max_num_seqs = self.engine_config.scheduler.max_num_seqs
-        with tqdm(total=len(requests), desc="Generating", disable=not use_tqdm) as progress:
-            for begin in range(0, len(rows), max_num_seqs):
-                batch_rows = rows[begin:begin + max_num_seqs]
-                result = self._run_batch(requests, batch_rows)
-                for i, (index, child, _) in enumerate(batch_rows):
-                    completions[index][child] = CompletionOutput(
-                        index=child,
-                        text=result.texts[i] if result.texts is not None else "",
-                        token_ids=result.token_ids[i],
-                        finish_reason=result.finish_reasons[i],
-                        stop_reason=result.stop_reasons[i],
-                        logprobs=result.logprobs[i],
-                    )
-                    if child == 0:
-                        metrics[index] = result.metrics[i]
-                progress.update(sum(1 for index, child, _ in batch_rows
-                                    if child == requests[index].sampling.n - 1))
-        return [RequestOutput(request_id=r.request_id, prompt=r.prompt,
-                              prompt_token_ids=r.prompt_token_ids, outputs=completions[i],
-                              metrics=metrics[i]) for i, r in enumerate(requests)]
 
-    def _run_batch(self, requests: list[_Request], batch_rows):
-        max_model_len = self.engine_config.max_model_len
-        prompts = [requests[index].prompt_token_ids for index, _, _ in batch_rows]
-        samplings = [sampling for _, _, sampling in batch_rows]
-        needed = max(len(p) + (s.max_tokens or max_model_len)
-                     for p, s in zip(prompts, samplings, strict=True))
-        cache = init_cache(
-            self.model.config,
-            batch_size=bucket(len(prompts), 1, self.engine_config.scheduler.max_num_seqs),
-            max_seq_len=bucket(needed, MIN_CACHE_BUCKET, max_model_len),
-            dtype=self.model.dtype,
-        )
-        key = jax.random.fold_in(self._key, next(self._batch_counter))
-        return generate(self.model.params, cache, key, prompts, config=self.model.config,
-                        sampling=samplings, tokenizer=self.model.tokenizer)
+def _num_kv_blocks(config: ModelConfig, dtype, block_size: int, num_kv_blocks: int | None,
+                   memory_bytes: int | None, max_num_seqs: int, max_model_len: int) -> int:
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    block_bytes = cache_bytes_per_token(config, dtype) * block_size
+    if memory_bytes is not None:
+        if memory_bytes < block_bytes:
+            raise ValueError(f"kv_cache_memory_bytes={memory_bytes} holds no block: one block "
+                             f"of {block_size} tokens takes {block_bytes} bytes")
+        return memory_bytes // block_bytes
+    enough = max_num_seqs * cdiv(max_model_len, block_size)
+    return max(1, min(_default_kv_cache_bytes() // block_bytes, enough))
+
+
+def _default_kv_cache_bytes() -> int:
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * DEFAULT_ACCELERATOR_KV_CACHE_FRACTION)

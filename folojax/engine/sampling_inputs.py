@@ -7,7 +7,7 @@ import numpy as np
 from folojax.ops.sampling import SamplerFlags, SamplerState, SamplingTensors
 from folojax.sampling_params import SamplingParams
 
-_PADDING_ROW = SamplingParams(temperature=0.0)
+PADDING_ROW = SamplingParams(temperature=0.0)
 
 
 def sampler_flags(samplings: list[SamplingParams]) -> SamplerFlags:
@@ -35,26 +35,35 @@ def row_keys(key: jax.Array, seeds: list[int | None]) -> jax.Array:
     return jax.random.wrap_key_data(data)
 
 
-def build_sampler_inputs(samplings: list[SamplingParams], prompts: list[list[int]],
-                         batch_size: int, vocab_size: int, key: jax.Array,
-                         eos_token_ids: tuple[int, ...]):
-    """(SamplingTensors, SamplerState, SamplerFlags) for `batch_size` rows; rows beyond
-    len(samplings) are greedy padding. Vocab-sized state is allocated only if a row needs it."""
-    rows = list(samplings) + [_PADDING_ROW] * (batch_size - len(samplings))
-    flags = sampler_flags(samplings)
+def sampling_tensors(rows: list[SamplingParams], keys) -> SamplingTensors:
+    """Per-row parameter columns (numpy on the host until the step moves them) and keys."""
 
     def column(name, dtype):
-        return jnp.asarray(np.array([getattr(s, name) for s in rows], dtype))
+        return np.array([getattr(s, name) for s in rows], dtype)
 
-    tensors = SamplingTensors(
+    return SamplingTensors(
         temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
         top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),
         repetition_penalty=column("repetition_penalty", np.float32),
-        min_tokens=column("min_tokens", np.int32),
-        keys=row_keys(key, [s.seed for s in rows]),
+        min_tokens=column("min_tokens", np.int32), keys=keys,
     )
+
+
+def stop_token_ids(sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """The tokens min_tokens bans: stop_token_ids, and EOS unless ignore_eos."""
+    return list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else list(eos_token_ids))
+
+
+def build_sampler_inputs(samplings: list[SamplingParams], prompts: list[list[int]],
+                         batch_size: int, vocab_size: int, key: jax.Array,
+                         eos_token_ids: tuple[int, ...]):
+    """(SamplingTensors, SamplerState, SamplerFlags) for `batch_size` rows; rows beyond
+    len(samplings) are greedy padding. Vocab-sized state is allocated only if a row needs it."""
+    rows = list(samplings) + [PADDING_ROW] * (batch_size - len(samplings))
+    flags = sampler_flags(samplings)
+    tensors = jax.device_put(sampling_tensors(rows, row_keys(key, [s.seed for s in rows])))
     penalty_width = vocab_size if flags.use_penalties else 1
     prompt_mask = np.zeros((batch_size, penalty_width), bool)
     if flags.use_penalties:
@@ -64,7 +73,7 @@ def build_sampler_inputs(samplings: list[SamplingParams], prompts: list[list[int
     stop_mask = np.zeros((batch_size, stop_width), bool)
     if flags.use_min_tokens:
         for row, s in enumerate(samplings):
-            stop_ids = list(s.stop_token_ids) + ([] if s.ignore_eos else list(eos_token_ids))
+            stop_ids = stop_token_ids(s, eos_token_ids)
             stop_mask[row, [t for t in stop_ids if t < vocab_size]] = True
     state = SamplerState(
         num_generated=jnp.zeros((batch_size,), jnp.int32),

@@ -36,8 +36,9 @@ def num_compiles(name: str | None = None) -> int:
     return _COMPILE_COUNTS[name] if name else sum(_COMPILE_COUNTS.values())
 
 
-def _attention_block(x, layer, config, cos, sin, layer_index, cache, positions, valid,
-                     kv_lengths, kv_len):
+def project_qkv(x, layer, config: ModelConfig, cos, sin):
+    """Queries [batch, seq, heads, head_dim] and keys, values [batch, seq, kv_heads, head_dim],
+    with q/k RMSNorm (Qwen3) and RoPE applied."""
     batch, seq, _ = x.shape
     q = linear(x, layer["q_proj"], layer.get("q_bias"))
     k = linear(x, layer["k_proj"], layer.get("k_bias"))
@@ -48,33 +49,46 @@ def _attention_block(x, layer, config, cos, sin, layer_index, cache, positions, 
     if config.use_qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
-    if cache is None:
-        keys, values = k, v
-    else:
-        cache = write_layer(cache, layer_index, k, v, positions, valid)
-        keys, values = read_layer(cache, layer_index, kv_len)
-    out = causal_attention(q, keys, values, positions, kv_lengths)
-    return linear(out.reshape(batch, seq, -1), layer["o_proj"]), cache
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_lengths,
-                   cache: KVCache | None = None, kv_len: int = 0):
-    """Runs every layer; returns the final-normed hidden states [batch, seq, hidden] and the cache.
+def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, cache):
+    """Runs every layer over token_ids [batch, seq] at `positions` [batch, seq]; returns the
+    final-normed hidden states [batch, seq, hidden] and the cache.
 
-    Without a cache the queries attend to this call's own keys; with one, the new keys are
-    written at `positions` and the queries attend to the cache's first `kv_len` positions.
+    `attend(layer_index, q, k, v, cache) -> (out [batch, seq, heads, head_dim], cache)` stores
+    the new keys and values wherever its cache keeps them and attends: the one place the
+    contiguous and the paged caches differ.
     """
     x = params["embed"][token_ids]
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
     for layer_index, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-        attn, cache = _attention_block(h, layer, config, cos, sin, layer_index, cache, positions,
-                                       valid, kv_lengths, kv_len)
-        x = x + attn
+        q, k, v = project_qkv(h, layer, config, cos, sin)
+        out, cache = attend(layer_index, q, k, v, cache)
+        x = x + linear(out.reshape(*out.shape[:2], -1), layer["o_proj"])
         x = x + swiglu_mlp(rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps), layer)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_lengths,
+                   cache: KVCache | None = None, kv_len: int = 0):
+    """The decoder over a contiguous cache (or none): [batch, seq] in, hidden states out.
+
+    Without a cache the queries attend to this call's own keys; with one, the new keys are
+    written at `positions` and the queries attend to the cache's first `kv_len` positions.
+    """
+
+    def attend(layer_index, q, k, v, cache):
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, dim]
+        if cache is None:
+            keys, values = k, v
+        else:
+            cache = write_layer(cache, layer_index, k, v, positions, valid)
+            keys, values = read_layer(cache, layer_index, kv_len)
+        return causal_attention(q, keys, values, positions, kv_lengths), cache
+
+    return decoder_layers(params, config, token_ids, positions, attend, cache)
 
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:

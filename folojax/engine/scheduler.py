@@ -1,0 +1,165 @@
+"""The scheduler: one rule for prefill and decode, as in vLLM v1.
+
+Each request has computed `num_computed_tokens` of its `num_tokens` (prompt + outputs). Every step
+gives each running request, in admission order, the tokens it still needs (a whole decode token,
+or the next chunk of a prompt) until the token budget is spent, then admits waiting requests while
+the budget, max_num_seqs and the block pool allow. When the pool runs out, the most recently
+admitted running request is preempted: its blocks are freed and it is recomputed later from its
+prompt and the tokens it already produced. The output is plain data; nothing here touches a device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+
+from folojax.config import SchedulerConfig
+from folojax.engine.kv_cache_manager import BlockCopy, KVCacheManager
+from folojax.engine.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # computed this step, from position request.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes all the request's tokens, so it yields the next one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    block_copies: list[BlockCopy]  # copy-on-write, performed on the device before the step
+    preempted: list[Request]
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0  # over the scheduler's lifetime
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finishes the request as aborted and frees its blocks at once; None if unknown."""
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    self.kv_cache_manager.free(request)
+                    request.status = RequestStatus.FINISHED_ABORTED
+                    return request
+        return None
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        copies: list[BlockCopy] = []
+        preempted: list[Request] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            result = self.kv_cache_manager.allocate_slots(request, num_new)
+            while result is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+                result = self.kv_cache_manager.allocate_slots(request, num_new)
+            if result is None:
+                break
+            copies += result
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        if not preempted:  # a pool that just ran out admits nobody new
+            budget = self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(scheduled, copies, preempted)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            if self._num_seqs_after_forks() + 1 + request.num_children_to_fork > (
+                    self.config.max_num_seqs):
+                break
+            computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.perf_counter()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _num_seqs_after_forks(self) -> int:
+        return sum(1 + r.num_children_to_fork for r in self.running)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict | None]],
+               make_children: Callable[[Request], list[Request]]) -> list[Request]:
+        """Advances every scheduled request by its computed tokens and appends its sampled token;
+        forks requests whose prompt just completed. Returns the requests that finished."""
+        finished = []
+        for item in output.scheduled:
+            request = item.request
+            if request.finished:  # aborted since the step was scheduled
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache_manager.cache_blocks(request)
+            if request.request_id not in sampled:
+                continue
+            if request.num_children_to_fork:
+                self._fork(request, make_children(request))
+            request.append_token(*sampled[request.request_id])
+            if request.finished:
+                self.running.remove(request)
+                self.kv_cache_manager.free(request)
+                finished.append(request)
+        return finished
+
+    def _fork(self, parent: Request, children: list[Request]) -> None:
+        """Children share the parent's prompt blocks; each recomputes the last prompt token
+        (into a copy of its block, if shared) to sample its own first token."""
+        parent.num_children_to_fork = 0
+        for child in children:
+            child.num_computed_tokens = parent.num_prompt_tokens - 1
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.status = RequestStatus.RUNNING
+            self.kv_cache_manager.fork(parent, child, child.num_computed_tokens)
+            self.running.append(child)

@@ -1,0 +1,71 @@
+"""The engine's jitted step: the decoder over a flat batch of decode rows and prefill chunks,
+reading and writing the paged cache, then sampling for every request that completed its tokens.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from folojax.config import ModelConfig
+from folojax.engine.step_inputs import SamplerInputs, StepInputs
+from folojax.model.decoder import count_compile, decoder_layers, lm_head
+from folojax.ops.paged_attention import decode_attention, prefill_attention
+from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
+from folojax.ops.sampling import SamplerFlags, SamplerState, sample
+
+
+def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs):
+    """Final hidden states [tokens, hidden] of the step's flat tokens, and the updated cache."""
+    num_rows = inputs.num_decode_rows
+
+    def attend(layer_index, q, k, v, cache):
+        q, k, v = q[0], k[0], v[0]  # one flat "batch" of tokens
+        cache = write_slots(cache, layer_index, k, v, inputs.slot_mapping)
+        k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
+        decode = decode_attention(q[:num_rows], k_cache, v_cache, inputs.decode_key_slots,
+                                  inputs.decode_context_lens)
+        chunks = prefill_attention(
+            q[num_rows:], k_cache, v_cache, inputs.positions[num_rows:],
+            inputs.prefill_query_segments, inputs.prefill_key_slots,
+            inputs.prefill_key_positions, inputs.prefill_key_segments)
+        return jnp.concatenate([decode, chunks])[None], cache
+
+    hidden, cache = decoder_layers(params, config, inputs.token_ids[None],
+                                   inputs.positions[None], attend, cache)
+    return hidden[0], cache
+
+
+def _sampler_state(sampler: SamplerInputs, vocab_size: int, flags: SamplerFlags) -> SamplerState:
+    """Rebuilds the vocab-sized sampler state from token-id lists (only what the flags use)."""
+    rows = jnp.arange(sampler.num_generated.shape[0])[:, None]
+
+    def mask(ids, width):
+        return jnp.zeros((rows.shape[0], width), bool).at[rows, ids].set(True, mode="drop")
+
+    width = vocab_size if flags.use_penalties else 1
+    counts = jnp.zeros((rows.shape[0], width), jnp.int32)
+    if flags.use_penalties:
+        counts = counts.at[rows, sampler.output_token_ids].add(1, mode="drop")
+    return SamplerState(
+        num_generated=sampler.num_generated,
+        output_counts=counts,
+        prompt_mask=mask(sampler.prompt_token_ids, width),
+        stop_token_mask=mask(sampler.banned_token_ids,
+                             vocab_size if flags.use_min_tokens else 1),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags"), donate_argnames=("cache",))
+def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: SamplerInputs,
+               config: ModelConfig, flags: SamplerFlags):
+    """Returns (tokens [sampling rows], logprobs or None, new cache). Donates `cache`."""
+    count_compile("paged_step")
+    hidden, cache = paged_hidden(params, config, cache, inputs)
+    logits = lm_head(params, hidden[inputs.sample_indices])
+    tensors = dataclasses.replace(sampler.tensors,
+                                  keys=jax.random.wrap_key_data(sampler.tensors.keys))
+    tokens, logprobs, _ = sample(logits, tensors, _sampler_state(sampler, config.vocab_size,
+                                                                 flags), flags)
+    return tokens, logprobs, cache

@@ -1,0 +1,113 @@
+"""The scheduler, with no device: token budget, chunked prefill, decodes beside a long prefill,
+preemption when the pool runs out, abort."""
+
+from folojax.config import SchedulerConfig
+from folojax.engine.kv_cache_manager import KVCacheManager
+from folojax.engine.request import RequestStatus
+from folojax.engine.scheduler import Scheduler
+from tests.test_block_pool import make_request
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=16, max_num_seqs=8, chunked=True):
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             enable_chunked_prefill=chunked)
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, enable_prefix_caching=False))
+
+
+def run_step(scheduler, token=7):
+    """Schedules one step and feeds back `token` for every request that samples."""
+    output = scheduler.schedule()
+    sampled = {s.request.request_id: (token, None) for s in output.scheduled if s.samples}
+    finished = scheduler.update(output, sampled, make_children=lambda parent: [])
+    return {s.request.request_id: s.num_new_tokens for s in output.scheduled}, output, finished
+
+
+def test_long_prompt_is_chunked_to_the_token_budget():
+    scheduler = make_scheduler(budget=16)
+    request = make_request("long", list(range(40)), max_tokens=2)
+    scheduler.add_request(request)
+    assert run_step(scheduler)[0] == {"long": 16}
+    assert request.num_computed_tokens == 16 and request.output_token_ids == []
+    assert run_step(scheduler)[0] == {"long": 16}
+    assert run_step(scheduler)[0] == {"long": 8}  # completes the prompt and samples
+    assert request.output_token_ids == [7]
+    assert run_step(scheduler)[0] == {"long": 1}
+    assert request.finished and request.status == RequestStatus.FINISHED_LENGTH
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_budget_is_shared_and_never_exceeded():
+    scheduler = make_scheduler(budget=10)
+    for i in range(3):
+        scheduler.add_request(make_request(str(i), list(range(6)), max_tokens=3))
+    while scheduler.has_unfinished_requests():
+        counts, output, _ = run_step(scheduler)
+        assert 0 < output.num_scheduled_tokens <= 10
+    # First step: request 0 whole (6) and 4 tokens of request 1.
+    scheduler = make_scheduler(budget=10)
+    for i in range(3):
+        scheduler.add_request(make_request(str(i), list(range(6)), max_tokens=3))
+    assert run_step(scheduler)[0] == {"0": 6, "1": 4}
+    assert run_step(scheduler)[0] == {"0": 1, "1": 2, "2": 6}
+
+
+def test_running_decodes_are_scheduled_beside_a_long_prefill():
+    scheduler = make_scheduler(budget=16)
+    decoders = [make_request(f"d{i}", [1, 2, 3], max_tokens=20) for i in range(3)]
+    for request in decoders:
+        scheduler.add_request(request)
+    run_step(scheduler)
+    scheduler.add_request(make_request("long", list(range(100)), max_tokens=2))
+    for _ in range(5):
+        counts, _, _ = run_step(scheduler)
+        assert counts == {"d0": 1, "d1": 1, "d2": 1, "long": 13}
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
+    scheduler = make_scheduler(budget=16, chunked=False)
+    scheduler.add_request(make_request("a", list(range(10)), max_tokens=5))
+    scheduler.add_request(make_request("b", list(range(10)), max_tokens=5))
+    assert run_step(scheduler)[0] == {"a": 10}
+    assert run_step(scheduler)[0] == {"a": 1, "b": 10}
+
+
+def test_max_num_seqs_counts_the_children_a_request_will_fork():
+    scheduler = make_scheduler(max_num_seqs=4)
+    scheduler.add_request(make_request("a", [1, 2], n=3))
+    scheduler.add_request(make_request("b", [1, 2]))
+    scheduler.add_request(make_request("c", [1, 2]))
+    assert set(run_step(scheduler)[0]) == {"a", "b"}
+
+
+def test_pool_exhaustion_preempts_the_latest_request_which_resumes_with_its_tokens():
+    # 6 blocks of 4 tokens; each request needs 2 blocks for its prompt and grows by decoding.
+    scheduler = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    requests = [make_request(str(i), [1, 2, 3, 4, 5, 6, 7, 8], max_tokens=6) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+    run_step(scheduler)
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 0
+    assert [r.output_token_ids for r in requests] == [[7], [7], [7]]
+    # Each now needs a third block for position 8: request 2 (the latest) is preempted.
+    counts, output, _ = run_step(scheduler)
+    assert counts == {"0": 1, "1": 1} and output.preempted == [requests[2]]
+    assert requests[2].status == RequestStatus.PREEMPTED and requests[2].num_computed_tokens == 0
+    assert scheduler.kv_cache_manager.block_ids("2") == []
+    while scheduler.has_unfinished_requests():
+        run_step(scheduler)
+    assert requests[2].num_preemptions >= 1
+    assert [r.output_token_ids for r in requests] == [[7] * 6] * 3
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 6
+
+
+def test_abort_frees_the_blocks_at_once():
+    scheduler = make_scheduler(num_blocks=10)
+    request = make_request("a", list(range(12)), max_tokens=50)
+    scheduler.add_request(request)
+    run_step(scheduler)
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 7
+    assert scheduler.abort_request("a") is request
+    assert request.status == RequestStatus.FINISHED_ABORTED
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 10
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.abort_request("a") is None
