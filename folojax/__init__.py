@@ -1,11 +1,12 @@
 """folojax: LLM inference the JAX way.
 
 Functional core: load_model, forward, init_cache, prefill, decode_step, generate.
-Engine: LLM (vLLM's offline API), SamplingParams, RequestOutput.
+Engine: LLM (vLLM's offline API) and LLMEngine (its step loop), SamplingParams, RequestOutput.
 """
 
 from folojax.engine.generate import GenerateResult, generate
 from folojax.engine.llm import LLM
+from folojax.engine.llm_engine import LLMEngine
 from folojax.model.decoder import decode_step, forward, num_compiles, prefill
 from folojax.ops.kv_cache import KVCache, init_cache
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -13,7 +14,7 @@ from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import Model, load_model
 
 __all__ = [
-    "LLM", "CompletionOutput", "GenerateResult", "KVCache", "Model", "RequestMetrics",
+    "LLM", "LLMEngine", "CompletionOutput", "GenerateResult", "KVCache", "Model", "RequestMetrics",
     "RequestOutput", "SamplingParams", "decode_step", "forward", "generate", "init_cache",
     "load_model", "num_compiles", "prefill",
 ]

@@ -69,8 +69,8 @@ def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
                        compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
 
 
-def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
-                       repeats: int) -> BenchResult:
+def load_torch_model(path: str, dtype: str):
+    """The transformers model of a checkpoint (directory or .gguf), on the GPU if torch sees one."""
     import torch
     import transformers
 
@@ -82,7 +82,14 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
         kwargs["gguf_file"] = os.path.basename(path)
         path = os.path.dirname(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    model = model.to(device).eval()
+    return model.to(device).eval(), device
+
+
+def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
+                       repeats: int) -> BenchResult:
+    import torch
+
+    model, device = load_torch_model(path, dtype)
     ids = torch.tensor(prompts, device=device)
 
     def timed(fn):

@@ -25,6 +25,8 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.throughput:
+        return _bench_throughput(args)
     from folojax.bench import format_results, run_bench
 
     results = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
@@ -32,6 +34,23 @@ def _bench(args) -> int:
     print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
           f"batch={args.batch_size} prompt_len={args.prompt_len} max_tokens={args.max_tokens}")
     print(format_results(results))
+    return 0
+
+
+def _bench_throughput(args) -> int:
+    from folojax.bench_throughput import format_throughput, run_throughput_bench
+
+    if args.model is None:
+        raise ValueError("bench --throughput needs --model: a Hugging Face checkpoint directory "
+                         "(e.g. from `folojax init-random --config configs/qwen3-0.6b.json`)")
+    results, prefix = run_throughput_bench(
+        args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
+        args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
+        args.compare_hf)
+    print(f"model={args.model} dtype={args.dtype} requests={args.num_requests} "
+          f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
+          f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens}")
+    print(format_throughput(results, prefix))
     return 0
 
 
@@ -70,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--compare-hf", action="store_true",
                        help="also run transformers+torch on the same workload")
+    bench.add_argument("--throughput", action="store_true",
+                       help="many mixed-length requests through the engine (uses the options "
+                            "below, --max-tokens and --compare-hf)")
+    bench.add_argument("--num-requests", type=int, default=48)
+    bench.add_argument("--min-prompt-len", type=int, default=32)
+    bench.add_argument("--max-prompt-len", type=int, default=256)
+    bench.add_argument("--max-num-seqs", type=int, default=64)
+    bench.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    bench.add_argument("--prefix-len", type=int, default=1000,
+                       help="shared prefix for the prefix-caching TTFT figure (0 = skip)")
     bench.set_defaults(func=_bench)
 
     init = commands.add_parser("init-random", help="write a random-weight HF checkpoint")

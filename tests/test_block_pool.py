@@ -144,3 +144,15 @@ def test_forked_children_share_blocks_and_copy_a_shared_block_before_writing_it(
     assert manager.block_ids("p#2") == [0, 1]
     manager.free(parent)
     assert manager.pool.blocks[0].ref_count == 2 and manager.pool.blocks[3].ref_count == 0
+
+
+def test_reset_prefix_cache_forgets_every_hash():
+    manager = KVCacheManager(num_blocks=4, block_size=2)
+    request = make_request("a", [1, 2, 3, 4, 5])
+    manager.allocate_slots(request, 5)
+    request.num_computed_tokens = 5
+    manager.cache_blocks(request)
+    assert manager.get_computed_blocks(make_request("b", [1, 2, 3, 4, 9]))[1] == 4
+    manager.pool.reset_prefix_cache()
+    assert manager.get_computed_blocks(make_request("b", [1, 2, 3, 4, 9])) == ([], 0)
+    assert all(block.block_hash is None for block in manager.pool.blocks)

@@ -40,3 +40,20 @@ def test_generate_prints_text_and_timings(capsys):
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert "TTFT" in captured.err and "TPOT" in captured.err and "tokens/s" in captured.err
+
+
+def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, capsys):
+    from folojax.bench_throughput import run_throughput_bench
+
+    results, prefix = run_throughput_bench(
+        tiny_qwen3.path, "float32", num_requests=6, min_prompt=4, max_prompt=40, max_tokens=5,
+        max_num_seqs=4, max_num_batched_tokens=64, prefix_len=100, compare_hf=True)
+    assert [r.name for r in results] == ["folojax", "hf generate", "hf generate_batch"]
+    assert [r.num_output_tokens for r in results] == [30, 30, 30]
+    assert results[0].num_compiles > 0
+    assert prefix.num_cached_tokens == 96  # 6 full blocks of the 100-token prefix
+    assert main(["bench", "--throughput", "--model", tiny_qwen3.path, "--num-requests", "3",
+                 "--min-prompt-len", "4", "--max-prompt-len", "8", "--max-tokens", "3",
+                 "--prefix-len", "0", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "requests=3" in out and "output tok/s" in out

@@ -15,7 +15,7 @@ import numpy as np
 from folojax.config import ModelConfig
 from folojax.engine.buckets import bucket
 from folojax.engine.sampling_inputs import build_sampler_inputs
-from folojax.engine.sequence import Sequence
+from folojax.engine.sequence import Sequence, read_sampled
 from folojax.model.step import step_and_sample
 from folojax.ops.kv_cache import KVCache
 from folojax.outputs import RequestMetrics
@@ -142,18 +142,10 @@ def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config
 def _record(sequences: list[Sequence], rows: list[int], step_output) -> None:
     """Reads one step's tokens (and logprobs) back to the host and appends them."""
     tokens, logprobs = step_output
-    tokens = np.asarray(tokens)
-    if logprobs is not None:
-        chosen, top_ids, top_values = (np.asarray(a) for a in logprobs)
+    num_logprobs = [sequence.sampling.logprobs for sequence in sequences]
+    sampled = read_sampled(tokens, logprobs, num_logprobs)
     for row in rows:
-        sequence = sequences[row]
-        step_logprobs = None
-        if sequence.logprobs is not None:
-            n = sequence.sampling.logprobs
-            step_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(),
-                                     strict=True))
-            step_logprobs[int(tokens[row])] = float(chosen[row])
-        sequence.append(int(tokens[row]), step_logprobs)
+        sequences[row].append(*sampled[row])
 
 
 def _check_request(prompts, samplings, cache, start_lengths, config, tokenizer) -> None:

@@ -76,6 +76,10 @@ class LLM:
     def get_tokenizer(self):
         return self.model.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Empties the prefix cache, so that the next requests compute every prompt token."""
+        self.llm_engine.kv_cache_manager.pool.reset_prefix_cache()
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None
                  = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Completes each prompt: a string, {"prompt": str}, or {"prompt_token_ids": [...]}."""

@@ -20,10 +20,10 @@ from folojax.engine.generate import validate_prompt
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
 from folojax.engine.scheduler import Scheduler
-from folojax.engine.sequence import Sequence
+from folojax.engine.sequence import Sequence, read_sampled
 from folojax.engine.step_inputs import build_step
 from folojax.model.paged_step import paged_step
-from folojax.ops.paged_kv_cache import copy_slots, init_paged_cache
+from folojax.ops.paged_kv_cache import copy_blocks, init_paged_cache
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import Model
@@ -103,16 +103,18 @@ class LLMEngine:
             return []
         block_size = self.config.kv_cache.block_size
         if output.block_copies:
-            self.cache = copy_slots(self.cache, *_copy_slot_arrays(output.block_copies,
-                                                                   block_size,
-                                                                   self.cache.num_slots))
+            self.cache = copy_blocks(self.cache, *_copy_block_arrays(output.block_copies,
+                                                                     self.cache.num_blocks))
         tables = {s.request.request_id: self.kv_cache_manager.block_ids(s.request.request_id)
                   for s in output.scheduled}
         batch = build_step(output, tables, block_size, self.cache.num_slots,
                            self.model.config.vocab_size, self._eos_token_ids)
         tokens, logprobs, self.cache = paged_step(self.model.params, self.cache, batch.inputs,
                                                   batch.sampler, self.model.config, batch.flags)
-        sampled = _sampled_tokens(batch.sampling_requests, tokens, logprobs)
+        requests = batch.sampling_requests
+        sampled = dict(zip((r.request_id for r in requests),
+                           read_sampled(tokens, logprobs, [r.sampling.logprobs for r in requests]),
+                           strict=True))
         self.scheduler.update(output, sampled, self._fork)
         group_ids = dict.fromkeys(r.group_id for r in batch.sampling_requests)
         return [self._output(group_id) for group_id in group_ids if group_id in self._groups]
@@ -194,30 +196,10 @@ def _metrics(request: Request) -> RequestMetrics:
     return metrics
 
 
-def _copy_slot_arrays(copies, block_size: int, num_slots: int):
-    """(source slots, destination slots) for whole-block copies, padded to a power of two."""
+def _copy_block_arrays(copies, num_blocks: int):
+    """(source, destination) block ids, padded to a power of two with dropped destinations."""
     num = 1 << (len(copies) - 1).bit_length()
-    source = np.zeros((num, block_size), np.int32)
-    destination = np.full((num, block_size), num_slots, np.int32)
-    offsets = np.arange(block_size)
-    for row, (src, dst) in enumerate(copies):
-        source[row] = src * block_size + offsets
-        destination[row] = dst * block_size + offsets
-    return source.reshape(-1), destination.reshape(-1)
-
-
-def _sampled_tokens(requests: list[Request], tokens, logprobs) -> dict:
-    """request_id -> (token id, {token id: logprob} or None), read back from the device."""
-    tokens = np.asarray(tokens)
-    if logprobs is not None:
-        chosen, top_ids, top_values = (np.asarray(a) for a in logprobs)
-    sampled = {}
-    for row, request in enumerate(requests):
-        step_logprobs = None
-        if request.sampling.logprobs is not None:
-            n = request.sampling.logprobs
-            step_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(),
-                                     strict=True))
-            step_logprobs[int(tokens[row])] = float(chosen[row])
-        sampled[request.request_id] = (int(tokens[row]), step_logprobs)
-    return sampled
+    source = np.zeros(num, np.int32)
+    destination = np.full(num, num_blocks, np.int32)
+    source[:len(copies)], destination[:len(copies)] = zip(*copies, strict=True)
+    return source, destination

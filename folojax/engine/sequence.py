@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 from folojax.outputs import RequestMetrics
 from folojax.sampling_params import SamplingParams
 from folojax.tokenizer import IncrementalDetokenizer
@@ -97,3 +99,20 @@ class Sequence:
         return RequestMetrics(ttft=first - self.start_time,
                               tpot=(end - first) / (num - 1) if num > 1 else 0.0,
                               e2e_latency=end - self.start_time, num_output_tokens=num)
+
+
+def read_sampled(tokens, logprobs, num_logprobs: list[int | None]) -> list[tuple[int, dict | None]]:
+    """Reads one step's sampled tokens back from the device: per row, (token id, {token id:
+    logprob} of its top num_logprobs[row] and of the token itself, or None if not asked)."""
+    tokens = np.asarray(tokens)
+    if logprobs is not None:
+        chosen, top_ids, top_values = (np.asarray(a) for a in logprobs)
+    rows = []
+    for row, n in enumerate(num_logprobs):
+        step_logprobs = None
+        if n is not None:
+            step_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(),
+                                     strict=True))
+            step_logprobs[int(tokens[row])] = float(chosen[row])
+        rows.append((int(tokens[row]), step_logprobs))
+    return rows

@@ -1,9 +1,14 @@
 """The boundary: one scheduler output -> fixed-shape numpy arrays for the device step.
 
 Tokens are flat: first one row per decode (a request computing a single token), then the tokens
-of the prefill chunks. Every dimension is padded to a power-of-two bucket, so the step compiles
-once per bucket combination. Padding tokens write to an out-of-range slot (dropped) and attend to
-nothing; padding sampling rows are greedy and ignored.
+of the prefill chunks, back to back. Attention runs over rows of queries, each with its request's
+block table: decode rows of one query, and prefill tiles of PREFILL_TILE queries, which gather
+their tokens from the flat prefill part (a chunk's last tile is padded; the flat tokens, which the
+dense layers compute, are not). Dimensions are padded to buckets (decode and sampling rows to
+multiples of 8, prefill tokens to multiples of 128, tiles to multiples of 4, block tables to
+powers of two), so the step compiles once per bucket combination. Padding tokens have position -1
+(they see no key) and an out-of-range slot (their keys are dropped); padding sampling rows are
+greedy and ignored.
 """
 
 from __future__ import annotations
@@ -18,34 +23,38 @@ from folojax.engine.request import Request
 from folojax.engine.sampling_inputs import PADDING_ROW, sampler_flags, sampling_tensors
 from folojax.engine.sampling_inputs import stop_token_ids as banned_token_ids
 from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
+from folojax.ops.paged_attention import CHUNK_TOKENS, chunk_blocks
 from folojax.ops.sampling import SamplerFlags, SamplingTensors
 
-MIN_ROWS = 8  # decode rows and sampling rows: 8, 16, 32, ...
-MIN_PREFILL_TOKENS = 32
-MIN_KEYS = 256  # attended keys per decode row, and in all of a step's prefill chunks
+PREFILL_TILE = 64  # queries per prefill attention row
+ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, 24, ...
+PREFILL_TOKEN_MULTIPLE = 128
+TILE_MULTIPLE = 4  # prefill tiles: 4, 8, 12, ...
+MIN_TABLE_WIDTH = 16  # blocks per block-table row: 16, 32, 64, ...
 
 
-def _padded(n: int, minimum: int) -> int:
-    return 0 if n == 0 else bucket(n, minimum)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class StepInputs:
-    token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill chunk tokens
-    positions: np.ndarray  # [tokens]
+    token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill tokens
+    positions: np.ndarray  # [tokens] (-1 = padding)
     slot_mapping: np.ndarray  # [tokens]: cache slot each token's keys go to (num_slots = drop)
-    decode_key_slots: np.ndarray  # [decode rows, keys]
-    decode_context_lens: np.ndarray  # [decode rows]
-    prefill_query_segments: np.ndarray  # [prefill tokens]: chunk of each token (-1 = padding)
-    prefill_key_slots: np.ndarray  # [prefill keys]
-    prefill_key_positions: np.ndarray  # [prefill keys]
-    prefill_key_segments: np.ndarray  # [prefill keys] (-2 = padding)
+    decode_block_tables: np.ndarray  # [decode rows, blocks]
+    num_decode_chunks: np.ndarray  # [] int32: attention iterations of the longest decode row
+    tile_token_indices: np.ndarray  # [tiles, PREFILL_TILE]: prefill token of each query
+    tile_positions: np.ndarray  # [tiles, PREFILL_TILE] (-1 = padding)
+    token_tile_indices: np.ndarray  # [prefill tokens]: where each sits in the flattened tiles
+    tile_block_tables: np.ndarray  # [tiles, blocks]
+    num_tile_chunks: np.ndarray  # [] int32
     sample_indices: np.ndarray  # [sampling rows]: flat token whose logits each row samples from
 
     @property
     def num_decode_rows(self) -> int:
-        return self.decode_context_lens.shape[0]
+        return self.decode_block_tables.shape[0]
 
 
 @jax.tree_util.register_dataclass
@@ -73,73 +82,77 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
                num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...]) -> StepBatch:
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-    num_rows = _padded(len(decodes), MIN_ROWS)
-    num_prefill_tokens = _padded(sum(s.num_new_tokens for s in prefills), MIN_PREFILL_TOKENS)
+    num_rows = _round_up(len(decodes), ROW_MULTIPLE)
+    num_prefill_tokens = _round_up(sum(s.num_new_tokens for s in prefills),
+                                   PREFILL_TOKEN_MULTIPLE)
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
+    positions = np.full(num_tokens, -1, np.int32)
     slot_mapping = np.full(num_tokens, num_slots, np.int32)
-    sample_indices = []
-    sampling_requests = []
+    sample_indices, sampling_requests = [], []
 
     def place(start: int, item: ScheduledRequest) -> None:
         request, n = item.request, item.num_new_tokens
         begin = request.num_computed_tokens
         token_ids[start:start + n] = request.all_token_ids[begin:begin + n]
         positions[start:start + n] = np.arange(begin, begin + n)
-        slot_mapping[start:start + n] = _slots(block_tables[request.request_id], block_size,
-                                               positions[start:start + n])
+        table = np.asarray(block_tables[request.request_id], np.int32)
+        slot_mapping[start:start + n] = (table[positions[start:start + n] // block_size]
+                                         * block_size + positions[start:start + n] % block_size)
         if item.samples:
             sample_indices.append(start + n - 1)
             sampling_requests.append(request)
 
     for row, item in enumerate(decodes):
         place(row, item)
-    start = num_rows
+    tile_starts, tile_tables = [], []  # per tile: first prefill token, block table
+    start = 0
     for item in prefills:
-        place(start, item)
+        place(num_rows + start, item)
+        for offset in range(0, item.num_new_tokens, PREFILL_TILE):
+            tile_starts.append((start + offset, start + item.num_new_tokens))
+            tile_tables.append(block_tables[item.request.request_id])
         start += item.num_new_tokens
 
-    context_lens = np.zeros(num_rows, np.int32)
-    context_lens[:len(decodes)] = [s.request.num_computed_tokens + 1 for s in decodes]
-    num_keys = _padded(int(context_lens.max(initial=0)), MIN_KEYS)
-    decode_key_slots = np.zeros((num_rows, num_keys), np.int32)
-    for row, item in enumerate(decodes):
-        decode_key_slots[row] = _slots(block_tables[item.request.request_id], block_size,
-                                       np.arange(num_keys))
+    num_tiles = _round_up(len(tile_starts), TILE_MULTIPLE)
+    tile_token_indices = np.full((num_tiles, PREFILL_TILE), num_prefill_tokens, np.int32)
+    token_tile_indices = np.zeros(num_prefill_tokens, np.int32)
+    for tile, (first, end) in enumerate(tile_starts):
+        tokens = np.arange(first, min(first + PREFILL_TILE, end))
+        tile_token_indices[tile, :len(tokens)] = tokens
+        token_tile_indices[tokens] = tile * PREFILL_TILE + np.arange(len(tokens))
+    prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
+    tile_positions = prefill_positions[tile_token_indices]
 
-    query_segments = np.full(num_prefill_tokens, -1, np.int32)
-    context = [s.request.num_computed_tokens + s.num_new_tokens for s in prefills]
-    num_prefill_keys = _padded(sum(context), MIN_KEYS)
-    key_slots = np.zeros(num_prefill_keys, np.int32)
-    key_positions = np.zeros(num_prefill_keys, np.int32)
-    key_segments = np.full(num_prefill_keys, -2, np.int32)
-    query_start = key_start = 0
-    for segment, (item, length) in enumerate(zip(prefills, context, strict=True)):
-        query_segments[query_start:query_start + item.num_new_tokens] = segment
-        key_positions[key_start:key_start + length] = np.arange(length)
-        key_slots[key_start:key_start + length] = _slots(
-            block_tables[item.request.request_id], block_size, np.arange(length))
-        key_segments[key_start:key_start + length] = segment
-        query_start += item.num_new_tokens
-        key_start += length
+    def num_chunks(furthest_positions: np.ndarray) -> np.ndarray:
+        return np.int32(-(-(int(furthest_positions.max(initial=-1)) + 1) // CHUNK_TOKENS))
 
-    num_sampling_rows = _padded(len(sampling_requests), MIN_ROWS)
+    num_sampling_rows = _round_up(len(sampling_requests), ROW_MULTIPLE)
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
-    inputs = StepInputs(token_ids, positions, slot_mapping, decode_key_slots, context_lens,
-                        query_segments, key_slots, key_positions, key_segments, indices)
+    decode_tables = [block_tables[s.request.request_id] for s in decodes]
+    inputs = StepInputs(
+        token_ids, positions, slot_mapping,
+        decode_block_tables=_table_array(decode_tables, num_rows, block_size),
+        num_decode_chunks=num_chunks(positions[:num_rows]),
+        tile_token_indices=tile_token_indices, tile_positions=tile_positions,
+        token_tile_indices=token_tile_indices,
+        tile_block_tables=_table_array(tile_tables, num_tiles, block_size),
+        num_tile_chunks=num_chunks(tile_positions),
+        sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids)
     return StepBatch(inputs, sampler, flags, sampling_requests)
 
 
-def _slots(block_ids: list[int], block_size: int, positions: np.ndarray) -> np.ndarray:
-    """Cache slots of `positions` in a block table; positions past the table map into its last
-    block (only padding keys, which are masked, go there)."""
-    table = np.asarray(block_ids, np.int32)
-    index = np.minimum(positions // block_size, len(table) - 1)
-    return table[index] * block_size + positions % block_size
+def _table_array(tables: list[list[int]], num_rows: int, block_size: int) -> np.ndarray:
+    """Block tables as [num_rows, width] (rows and entries past the tables: block 0, unread)."""
+    width = bucket(max(map(len, tables), default=0), max(MIN_TABLE_WIDTH, chunk_blocks(
+        block_size)))
+    array = np.zeros((num_rows, width), np.int32)
+    for row, table in enumerate(tables):
+        array[row, :len(table)] = table
+    return array
 
 
 def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,

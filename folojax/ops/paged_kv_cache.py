@@ -1,10 +1,10 @@
-"""The paged KV cache: per layer, one pool of slots shared by all requests.
+"""The paged KV cache: per layer, one pool of fixed-size blocks shared by all requests.
 
-Slot `block_id * block_size + offset` holds one token's keys (or values) for every KV head. Which
-blocks belong to which request is host-side bookkeeping (engine/kv_cache_manager.py); the device
-only sees slot numbers: where to write this step's keys (`slot_mapping`) and where to read each
-request's keys from. As in ops/kv_cache.py, each layer has its own buffers so that a donated step
-scatters into them in place.
+Block b holds `block_size` tokens' keys (or values), heads first: [kv_heads, block_size, head_dim],
+so attention reads each head's keys of a block contiguously. Token slot `b * block_size + offset`
+is offset `offset` of block b. Which blocks belong to which request is host-side bookkeeping
+(engine/kv_cache_manager.py); the device sees block tables and slot numbers. As in
+ops/kv_cache.py, each layer has its own buffers so that a donated step updates them in place.
 """
 
 import dataclasses
@@ -19,17 +19,25 @@ from folojax.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKVCache:
-    k: list[jax.Array]  # per layer: [num_slots, num_kv_heads, head_dim]
-    v: list[jax.Array]  # per layer: [num_slots, num_kv_heads, head_dim]
+    k: list[jax.Array]  # per layer: [num_blocks, num_kv_heads, block_size, head_dim]
+    v: list[jax.Array]  # per layer: [num_blocks, num_kv_heads, block_size, head_dim]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[2]
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[0]
+        return self.num_blocks * self.block_size
 
 
 def init_paged_cache(config: ModelConfig, num_blocks: int, block_size: int,
                      dtype=jnp.float32) -> PagedKVCache:
-    shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+    shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
     return PagedKVCache(k=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
                         v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)])
 
@@ -43,18 +51,22 @@ def write_slots(cache: PagedKVCache, layer: int, k: jax.Array, v: jax.Array,
                 slot_mapping: jax.Array) -> PagedKVCache:
     """Writes k, v [tokens, kv_heads, head_dim] at `slot_mapping` [tokens]; slots out of range
     (padding tokens) are dropped."""
+    blocks, offsets = slot_mapping // cache.block_size, slot_mapping % cache.block_size
     new_k, new_v = list(cache.k), list(cache.v)
-    new_k[layer] = cache.k[layer].at[slot_mapping].set(k.astype(cache.k[layer].dtype), mode="drop")
-    new_v[layer] = cache.v[layer].at[slot_mapping].set(v.astype(cache.v[layer].dtype), mode="drop")
+    # Index arrays apart from a slice: jnp puts their [tokens] dimension first, as in k and v.
+    new_k[layer] = cache.k[layer].at[blocks, :, offsets].set(k.astype(cache.k[layer].dtype),
+                                                             mode="drop")
+    new_v[layer] = cache.v[layer].at[blocks, :, offsets].set(v.astype(cache.v[layer].dtype),
+                                                             mode="drop")
     return PagedKVCache(new_k, new_v)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def copy_slots(cache: PagedKVCache, source_slots: jax.Array,
-               destination_slots: jax.Array) -> PagedKVCache:
-    """Copies every layer's slots (copy-on-write of shared blocks); out-of-range destinations
-    (padding) are dropped."""
+def copy_blocks(cache: PagedKVCache, source_blocks: jax.Array,
+                destination_blocks: jax.Array) -> PagedKVCache:
+    """Copies whole blocks in every layer (copy-on-write of shared blocks); out-of-range
+    destinations (padding) are dropped."""
     def copy(layer):
-        return layer.at[destination_slots].set(layer[source_slots], mode="drop")
+        return layer.at[destination_blocks].set(layer[source_blocks], mode="drop")
 
     return PagedKVCache([copy(k) for k in cache.k], [copy(v) for v in cache.v])

@@ -1,0 +1,187 @@
+"""`folojax bench --throughput`: many requests of mixed prompt lengths through the engine, and
+(--compare-hf) through transformers+torch on the same model and workload in the same run: its
+static padded `generate` (all requests in one left-padded batch) and its continuous-batching
+`generate_batch`. Also the TTFT of a request whose long prefix another request computed, with
+prefix caching on and off.
+
+Output tokens/s = all requests' output tokens / wall time of the whole run. folojax runs the
+workload once to compile (counted and timed apart) and is then timed; torch needs no warm-up
+beyond one short call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from folojax.bench import load_torch_model
+from folojax.engine.llm import LLM
+from folojax.model.decoder import num_compiles
+from folojax.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class ThroughputResult:
+    name: str
+    seconds: float
+    num_requests: int
+    num_output_tokens: int
+    num_prompt_tokens: int
+    num_compiles: int | None = None
+    compile_seconds: float | None = None
+
+    @property
+    def output_tokens_per_second(self) -> float:
+        return self.num_output_tokens / self.seconds
+
+
+@dataclasses.dataclass
+class PrefixResult:
+    ttft_cached: float
+    ttft_uncached: float
+    num_cached_tokens: int
+    prefix_len: int
+
+
+def throughput_workload(vocab_size: int, num_requests: int, min_prompt: int, max_prompt: int,
+                        seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_prompt, max_prompt + 1, num_requests)
+    return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
+
+
+def bench_folojax_throughput(llm: LLM, prompts, max_tokens: int) -> ThroughputResult:
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+
+    def run():
+        start = time.perf_counter()
+        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        return outputs, time.perf_counter() - start
+
+    compiles_before = num_compiles("paged_step")
+    _, warmup_seconds = run()
+    compiles = num_compiles("paged_step") - compiles_before
+    llm.reset_prefix_cache()  # or the timed run would find every prompt cached
+    outputs, seconds = run()
+    return ThroughputResult(
+        "folojax", seconds, len(prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
+        sum(map(len, prompts)), num_compiles=compiles,
+        compile_seconds=max(warmup_seconds - seconds, 0.0))
+
+
+def bench_hf_static(model, device: str, prompts, max_tokens: int) -> ThroughputResult:
+    """All requests in one left-padded batch through `model.generate`."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    def run(rows: int, num_tokens: int):
+        with torch.inference_mode():
+            return model.generate(ids[:rows], attention_mask=mask[:rows], do_sample=False,
+                                  max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+                                  pad_token_id=0)
+
+    run(1, 2)  # warm-up
+    start = _synchronized_time(device)
+    out = run(len(prompts), max_tokens)
+    seconds = _synchronized_time(device) - start
+    return ThroughputResult("hf generate", seconds, len(prompts),
+                            (out.shape[1] - width) * len(prompts), sum(map(len, prompts)))
+
+
+def bench_hf_generate_batch(model, device: str, prompts, max_tokens: int) -> ThroughputResult:
+    """transformers' own continuous batching (`generate_batch`)."""
+    import transformers
+
+    config = transformers.GenerationConfig(max_new_tokens=max_tokens, do_sample=False,
+                                           eos_token_id=-1, pad_token_id=0)
+    model.generate_batch(prompts[:1], generation_config=config)  # warm-up
+    start = _synchronized_time(device)
+    outputs = model.generate_batch(prompts, generation_config=config)
+    seconds = _synchronized_time(device) - start
+    return ThroughputResult("hf generate_batch", seconds, len(prompts),
+                            sum(len(o.generated_tokens) for o in outputs.values()),
+                            sum(map(len, prompts)))
+
+
+def _synchronized_time(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: int = 24,
+                      max_tokens: int = 8) -> PrefixResult:
+    """TTFT of the third request sharing a long prefix, with prefix caching on and off (the
+    first computes the prefix, the second compiles the shapes the third uses)."""
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(0, vocab_size, prefix_len).tolist()
+    prompts = [prefix + rng.integers(0, vocab_size, suffix_len).tolist() for _ in range(3)]
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    results = []
+    for caching in (True, False):
+        llm = make_llm(enable_prefix_caching=caching)
+        for prompt in prompts:
+            [output] = llm.generate({"prompt_token_ids": prompt}, sampling, use_tqdm=False)
+        results.append(output)
+        del llm
+    cached, uncached = results
+    return PrefixResult(cached.metrics.ttft, uncached.metrics.ttft, cached.num_cached_tokens,
+                        prefix_len)
+
+
+def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
+                         min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
+                         max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                         prefix_len: int = 1000, compare_hf: bool = False):
+    from folojax.weights.loader import resolve_dtype
+
+    max_model_len = max(max_prompt, prefix_len + 24) + max_tokens
+
+    def make_llm(**kwargs):
+        return LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
+                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, **kwargs)
+
+    llm = make_llm()
+    vocab_size = llm.model.config.vocab_size
+    prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
+    results = [bench_folojax_throughput(llm, prompts, max_tokens)]
+    del llm
+    prefix = bench_prefix_ttft(make_llm, vocab_size, prefix_len) if prefix_len else None
+    if compare_hf:
+        model, device = load_torch_model(model_path, np.dtype(resolve_dtype(dtype)).name)
+        results.append(bench_hf_static(model, device, prompts, max_tokens))
+        results.append(bench_hf_generate_batch(model, device, prompts, max_tokens))
+    return results, prefix
+
+
+def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | None) -> str:
+    lines = [f"{'engine':<20}{'seconds':>9}{'output tok/s':>14}{'compile s':>11}{'compiles':>10}"]
+    for r in results:
+        compile_s = f"{r.compile_seconds:.1f}" if r.compile_seconds is not None else "-"
+        compiles = str(r.num_compiles) if r.num_compiles is not None else "-"
+        lines.append(f"{r.name:<20}{r.seconds:>9.2f}{r.output_tokens_per_second:>14.1f}"
+                     f"{compile_s:>11}{compiles:>10}")
+    if len(results) > 1:
+        ours, references = results[0], results[1:]
+        best = max(references, key=lambda r: r.output_tokens_per_second)
+        lines.append(f"folojax / best transformers path ({best.name}): output tok/s x"
+                     f"{ours.output_tokens_per_second / best.output_tokens_per_second:.2f}")
+    if prefix is not None:
+        lines.append(f"shared {prefix.prefix_len}-token prefix: TTFT {prefix.ttft_cached * 1e3:.1f}"
+                     f" ms with prefix caching ({prefix.num_cached_tokens} tokens cached) vs "
+                     f"{prefix.ttft_uncached * 1e3:.1f} ms without: x"
+                     f"{prefix.ttft_uncached / prefix.ttft_cached:.1f}")
+    return "\n".join(lines)

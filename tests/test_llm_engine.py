@@ -1,0 +1,114 @@
+"""LLMEngine's step API: add_request validation, abort, streaming outputs, pool sizing,
+and a bounded number of compiles."""
+
+import logging
+
+import numpy as np
+import pytest
+
+import folojax
+from folojax.ops.paged_kv_cache import cache_bytes_per_token
+
+GREEDY = folojax.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def make_llm(tiny_qwen3, **kwargs) -> folojax.LLM:
+    return folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32", **kwargs)
+
+
+def run_to_completion(engine) -> dict[str, folojax.RequestOutput]:
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    return finished
+
+
+def test_requests_that_can_never_run_are_rejected_at_add_request(tiny_qwen3):
+    llm = make_llm(tiny_qwen3, block_size=8, num_kv_blocks=4, max_model_len=64, max_num_seqs=2)
+    engine = llm.llm_engine
+    engine.add_request("ok", [5, 6, 7], GREEDY)
+    with pytest.raises(ValueError, match=r"has 40 tokens but the KV cache pool holds 32 "
+                                         r"\(num_kv_blocks=4 x block_size=8\)"):
+        engine.add_request("too-big-for-pool", list(range(3, 43)), GREEDY)
+    with pytest.raises(ValueError, match="70 tokens but max_model_len leaves room for 64"):
+        engine.add_request("too-long", [3] * 70, GREEDY)
+    with pytest.raises(ValueError, match="n=3 exceeds max_num_seqs=2"):
+        engine.add_request("wide", [3, 4], folojax.SamplingParams(n=3))
+    with pytest.raises(ValueError, match="request_id 'ok' is already in use"):
+        engine.add_request("ok", [3, 4], GREEDY)
+    with pytest.raises(TypeError, match="expected SamplingParams"):
+        engine.add_request("bad", [3, 4], {"temperature": 0})
+    assert engine.get_num_unfinished_requests() == 1
+    finished = run_to_completion(engine)
+    assert list(finished) == ["ok"]
+    alone = make_llm(tiny_qwen3).generate({"prompt_token_ids": [5, 6, 7]}, GREEDY,
+                                          use_tqdm=False)[0]
+    assert finished["ok"].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_abort_returns_blocks_at_once_and_the_others_finish(tiny_qwen3):
+    llm = make_llm(tiny_qwen3, block_size=4, num_kv_blocks=64)
+    engine = llm.llm_engine
+    pool = engine.kv_cache_manager.pool
+    engine.add_request("keep", [5, 6, 7, 8, 9], GREEDY)
+    engine.add_request("drop", list(range(3, 40)),
+                       folojax.SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert pool.num_free_blocks == 64 - 2 - 10
+    engine.abort_request("drop")
+    assert pool.num_free_blocks == 64 - 2
+    finished = run_to_completion(engine)
+    assert list(finished) == ["keep"] and len(finished["keep"].outputs[0].token_ids) == 6
+    assert pool.num_free_blocks == 64
+
+
+def test_step_streams_cumulative_outputs_with_metrics(tiny_qwen3):
+    engine = make_llm(tiny_qwen3).llm_engine
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    seen = []
+    while engine.has_unfinished_requests():
+        [output] = engine.step()
+        seen.append(list(output.outputs[0].token_ids))
+    assert seen == [seen[-1][:k] for k in range(1, 7)]
+    assert output.finished and output.outputs[0].finish_reason == "length"
+    metrics = output.metrics
+    assert 0 <= metrics.queue_time <= metrics.ttft <= metrics.e2e_latency
+    assert metrics.num_output_tokens == 6
+
+
+def test_pool_is_sized_from_memory_and_logged(tiny_qwen3, caplog):
+    per_block = cache_bytes_per_token(tiny_qwen3.model.config, np.float32) * 16
+    with caplog.at_level(logging.INFO, logger="folojax"):
+        llm = make_llm(tiny_qwen3, kv_cache_memory_bytes=per_block * 10 + 5)
+    assert llm.engine_config.kv_cache.num_blocks == 10
+    assert "KV cache: 10 blocks of 16 tokens = 160 tokens" in caplog.text
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=100 holds no block"):
+        make_llm(tiny_qwen3, kv_cache_memory_bytes=100)
+    # The default never exceeds what max_num_seqs requests of max_model_len can use.
+    default = make_llm(tiny_qwen3, max_num_seqs=2, max_model_len=100)
+    assert default.engine_config.kv_cache.num_blocks == 2 * 7
+
+
+def test_engine_config_is_validated(tiny_qwen3):
+    with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
+        make_llm(tiny_qwen3, block_size=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=64 is below max_model_len=128"):
+        make_llm(tiny_qwen3, max_model_len=128, max_num_batched_tokens=64,
+                 enable_chunked_prefill=False)
+
+
+def test_many_mixed_requests_compile_a_bounded_number_of_times(tiny_qwen3):
+    llm = make_llm(tiny_qwen3, max_num_seqs=16, max_num_batched_tokens=256)
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(3, 300, n).tolist()}
+               for n in rng.integers(1, 200, 40)]
+    sampling = folojax.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    before = folojax.num_compiles("paged_step")
+    outputs = llm.generate(prompts, sampling, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 20 for o in outputs)
+    compiles = folojax.num_compiles("paged_step") - before
+    # Buckets: decode rows {0, 8, 16} x prefill tokens {0, 32..256} x key lengths; a run over
+    # 40 requests of 1-200 tokens sees a small part of the product.
+    assert compiles <= 16, compiles
