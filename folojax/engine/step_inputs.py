@@ -5,10 +5,9 @@ of the prefill chunks, back to back. Attention runs over rows of queries, each w
 block table: decode rows of one query, and prefill tiles of PREFILL_TILE queries, which gather
 their tokens from the flat prefill part (a chunk's last tile is padded; the flat tokens, which the
 dense layers compute, are not). Dimensions are padded to buckets (decode and sampling rows to
-multiples of 8, prefill tokens to multiples of 128, tiles to multiples of 4, block tables to
-powers of two), so the step compiles once per bucket combination. Padding tokens have position -1
-(they see no key) and an out-of-range slot (their keys are dropped); padding sampling rows are
-greedy and ignored.
+multiples of 8, prefill tokens to multiples of 128, tiles and block tables to powers of two), so
+the step compiles once per bucket combination. Padding tokens have position -1 (they see no key)
+and an out-of-range slot (their keys are dropped); padding sampling rows are greedy and ignored.
 """
 
 from __future__ import annotations
@@ -29,8 +28,11 @@ from folojax.ops.sampling import SamplerFlags, SamplingTensors
 PREFILL_TILE = 64  # queries per prefill attention row
 ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, 24, ...
 PREFILL_TOKEN_MULTIPLE = 128
-TILE_MULTIPLE = 4  # prefill tiles: 4, 8, 12, ...
 MIN_TABLE_WIDTH = 16  # blocks per block-table row: 16, 32, 64, ...
+
+
+def _padded(n: int, minimum: int) -> int:
+    return 0 if n == 0 else bucket(n, minimum)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -114,7 +116,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
             tile_tables.append(block_tables[item.request.request_id])
         start += item.num_new_tokens
 
-    num_tiles = _round_up(len(tile_starts), TILE_MULTIPLE)
+    num_tiles = _padded(len(tile_starts), 1)  # 1, 2, 4, 8, ...
     tile_token_indices = np.full((num_tiles, PREFILL_TILE), num_prefill_tokens, np.int32)
     token_tile_indices = np.zeros(num_prefill_tokens, np.int32)
     for tile, (first, end) in enumerate(tile_starts):

@@ -6,6 +6,9 @@ softmax (flash-decoding), so the keys it reads stay in the CPU's caches instead 
 into one big copy first, and no row attends to another request's keys. Measured on this CPU
 (Qwen3-small shapes): 48 decode rows of ~300 tokens 6x faster than gather-then-attend, and a
 1024-token prefill of four prompts 12x faster than one dense masked attention over all of them.
+The loop (trip count traced, so no recompile per length) also beat the same ops unrolled: XLA's
+CPU backend fuses a gather into the following dot far less well outside a loop body. Chunks of
+128 keys: 512 made the 48-request throughput run 1.5x slower (more padding gathered per row).
 
 A query sees the keys at positions <= its own; a padding query has position -1 and sees none.
 """
@@ -14,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite: a query that sees no key gets zeros, not NaN
-CHUNK_TOKENS = 512  # keys per iteration
+CHUNK_TOKENS = 128  # keys per iteration (measured on CPU: 64 ~ 128 < 512)
 
 
 def chunk_blocks(block_size: int) -> int:
