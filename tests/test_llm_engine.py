@@ -112,3 +112,40 @@ def test_many_mixed_requests_compile_a_bounded_number_of_times(tiny_qwen3):
     # Buckets: decode rows {0, 8, 16} x prefill tokens {0, 32..256} x key lengths; a run over
     # 40 requests of 1-200 tokens sees a small part of the product.
     assert compiles <= 16, compiles
+
+
+def test_caller_request_ids_never_collide_with_forked_completions(tiny_qwen3):
+    engine = make_llm(tiny_qwen3, max_num_seqs=8).llm_engine
+    sampled = folojax.SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], sampled)
+    engine.add_request("a#1", [5, 6, 7], GREEDY)  # looks like a child's id; is its own request
+    engine.add_request("1", [8, 9], GREEDY)
+    finished = run_to_completion(engine)
+    assert sorted(finished) == ["1", "a", "a#1"]
+    assert len(finished["a"].outputs) == 2 and len(finished["a#1"].outputs) == 1
+    assert [len(c.token_ids) for c in finished["a"].outputs] == [4, 4]
+    assert engine.kv_cache_manager.pool.num_free_blocks == engine.config.kv_cache.num_blocks
+
+
+def test_engine_sampling_features_match_the_functional_generate(tiny_qwen3):
+    """Penalties, min_tokens, top-k/top-p and logprobs through the paged engine give what
+    folojax.generate gives for the same seeded request."""
+    import jax
+
+    model = tiny_qwen3.model
+    sampling = folojax.SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=11,
+                                      repetition_penalty=1.3, presence_penalty=0.5,
+                                      frequency_penalty=0.2, min_tokens=6, max_tokens=12,
+                                      logprobs=3, stop_token_ids=[7])
+    prompt = [3 + (i * 11) % 300 for i in range(37)]
+    cache = folojax.init_cache(model.config, batch_size=1, max_seq_len=128)
+    expected = folojax.generate(model.params, cache, jax.random.key(0), prompt,
+                                config=model.config, sampling=sampling)
+    output = make_llm(tiny_qwen3, block_size=8).generate({"prompt_token_ids": prompt}, sampling,
+                                                         use_tqdm=False)[0].outputs[0]
+    assert output.token_ids == expected.token_ids[0]
+    assert output.finish_reason == expected.finish_reasons[0]
+    assert [sorted(step) for step in output.logprobs] == [sorted(step)
+                                                         for step in expected.logprobs[0]]
+    for ours, theirs in zip(output.logprobs, expected.logprobs[0], strict=True):
+        assert all(abs(ours[t] - theirs[t]) < 1e-4 for t in ours)

@@ -55,6 +55,7 @@ class LLMEngine:
         self.max_request_len = min(config.max_model_len, cache.num_tokens)
         self._key = jax.random.key(seed)
         self._key_counter = itertools.count()
+        self._internal_ids = itertools.count()  # completions' ids: never a caller's id
         self._groups: dict[str, _Group] = {}
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", cache.num_blocks,
                     cache.block_size, cache.num_tokens)
@@ -75,10 +76,10 @@ class LLMEngine:
         self.validate_request(request_id, prompt_token_ids, sampling_params)
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         arrival_time = time.perf_counter() if arrival_time is None else arrival_time
-        first = Request(request_id, prompt_token_ids, sampling_params,
+        first = Request(str(next(self._internal_ids)), prompt_token_ids, sampling_params,
                         self._key_data(sampling_params.seed),
                         self._sequence(prompt_token_ids, sampling_params, arrival_time),
-                        arrival_time)
+                        arrival_time, group_id=request_id)
         self._groups[request_id] = _Group(request_id, prompt, prompt_token_ids, [first])
         self.scheduler.add_request(first)
 
@@ -100,6 +101,9 @@ class LLMEngine:
         token, finished ones included with finished=True."""
         output = self.scheduler.schedule()
         if not output.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no waiting request fits in an empty KV cache pool; "
+                                   "add_request should have rejected it")
             return []
         block_size = self.config.kv_cache.block_size
         if output.block_copies:
@@ -165,7 +169,7 @@ class LLMEngine:
                 seed = int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1)[0])
             sampling = dataclasses.replace(parent.sampling, n=1, seed=seed)
             children.append(Request(
-                f"{parent.request_id}#{index}", parent.prompt_token_ids, sampling,
+                str(next(self._internal_ids)), parent.prompt_token_ids, sampling,
                 self._key_data(seed), self._sequence(parent.prompt_token_ids, sampling,
                                                      parent.arrival_time),
                 parent.arrival_time, group_id=parent.group_id, completion_index=index))
