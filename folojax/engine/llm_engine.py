@@ -120,7 +120,7 @@ class LLMEngine:
                            read_sampled(tokens, logprobs, [r.sampling.logprobs for r in requests]),
                            strict=True))
         self.scheduler.update(output, sampled, self._fork)
-        group_ids = dict.fromkeys(r.group_id for r in batch.sampling_requests)
+        group_ids = dict.fromkeys(r.group_id for r in requests)
         return [self._output(group_id) for group_id in group_ids if group_id in self._groups]
 
     @property
