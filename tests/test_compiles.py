@@ -3,6 +3,7 @@
 import jax
 
 import folojax
+from folojax.engine.buckets import stepped_bucket
 
 
 def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
@@ -18,3 +19,9 @@ def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
     # Prompt buckets 16..1024 (7) plus at most one decode shape per attended-length bucket
     # (256, 512, 1024): far fewer than the 15 lengths, let alone one per length.
     assert folojax.num_compiles("step_and_sample") - before <= 10
+
+
+def test_stepped_buckets_are_linear_then_geometric():
+    assert [stepped_bucket(n, 8) for n in (0, 1, 8, 9, 63, 64, 65, 128, 129, 300)] == [
+        0, 8, 8, 16, 64, 64, 128, 128, 256, 512]
+    assert [stepped_bucket(n, 128) for n in (1, 1000, 1025, 2049)] == [128, 1024, 2048, 4096]

@@ -23,6 +23,7 @@ from folojax.engine.scheduler import Scheduler
 from folojax.engine.sequence import Sequence, read_sampled
 from folojax.engine.step_inputs import build_step
 from folojax.model.paged_step import paged_step
+from folojax.ops.paged_attention import default_chunk_sizes
 from folojax.ops.paged_kv_cache import copy_blocks, init_paged_cache
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from folojax.sampling_params import SamplingParams
@@ -53,6 +54,7 @@ class LLMEngine:
                                       model.dtype)
         # A request never outgrows the pool: past its capacity it finishes with "length".
         self.max_request_len = min(config.max_model_len, cache.num_tokens)
+        self.chunks = default_chunk_sizes()  # keys per attention iteration, for this backend
         self._key = jax.random.key(seed)
         self._key_counter = itertools.count()
         self._internal_ids = itertools.count()  # completions' ids: never a caller's id
@@ -112,9 +114,10 @@ class LLMEngine:
         tables = {s.request.request_id: self.kv_cache_manager.block_ids(s.request.request_id)
                   for s in output.scheduled}
         batch = build_step(output, tables, block_size, self.cache.num_slots,
-                           self.model.config.vocab_size, self._eos_token_ids)
+                           self.model.config.vocab_size, self._eos_token_ids, self.chunks)
         tokens, logprobs, self.cache = paged_step(self.model.params, self.cache, batch.inputs,
-                                                  batch.sampler, self.model.config, batch.flags)
+                                                  batch.sampler, self.model.config, batch.flags,
+                                                  self.chunks)
         requests = batch.sampling_requests
         sampled = dict(zip((r.request_id for r in requests),
                            read_sampled(tokens, logprobs, [r.sampling.logprobs for r in requests]),

@@ -5,28 +5,30 @@ of the prefill chunks, back to back. Attention runs over rows of queries, each w
 block table: decode rows of one query, and prefill tiles of PREFILL_TILE queries, which gather
 their tokens from the flat prefill part (a chunk's last tile is padded; the flat tokens, which the
 dense layers compute, are not). Dimensions are padded to buckets (decode and sampling rows to
-multiples of 8, prefill tokens to multiples of 128, tiles and block tables to powers of two), so
-the step compiles once per bucket combination. Padding tokens have position -1 (they see no key)
-and an out-of-range slot (their keys are dropped); padding sampling rows are greedy and ignored.
+multiples of 8 up to 64, prefill tokens to multiples of 128 up to 1024, powers of two beyond;
+tiles and block tables to powers of two), so the step compiles once per bucket combination.
+Padding tokens have position -1 (they see no key) and an out-of-range slot (their keys are
+dropped); padding sampling rows are greedy and ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
 
-from folojax.engine.buckets import bucket
+from folojax.engine.buckets import bucket, stepped_bucket
 from folojax.engine.request import Request
 from folojax.engine.sampling_inputs import PADDING_ROW, sampler_flags, sampling_tensors
 from folojax.engine.sampling_inputs import stop_token_ids as banned_token_ids
 from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
-from folojax.ops.paged_attention import CHUNK_TOKENS, chunk_blocks
+from folojax.ops.paged_attention import ChunkSizes, chunk_blocks
 from folojax.ops.sampling import SamplerFlags, SamplingTensors
 
 PREFILL_TILE = 64  # queries per prefill attention row
-ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, 24, ...
+ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, ..., 64, 128, 256, ...
 PREFILL_TOKEN_MULTIPLE = 128
 MIN_TABLE_WIDTH = 16  # blocks per block-table row: 16, 32, 64, ...
 
@@ -81,12 +83,13 @@ class StepBatch:
 
 
 def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
-               num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...]) -> StepBatch:
+               num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...],
+               chunks: ChunkSizes) -> StepBatch:
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-    num_rows = _round_up(len(decodes), ROW_MULTIPLE)
-    num_prefill_tokens = _round_up(sum(s.num_new_tokens for s in prefills),
-                                   PREFILL_TOKEN_MULTIPLE)
+    num_rows = stepped_bucket(len(decodes), ROW_MULTIPLE)
+    num_prefill_tokens = stepped_bucket(sum(s.num_new_tokens for s in prefills),
+                                        PREFILL_TOKEN_MULTIPLE)
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.full(num_tokens, -1, np.int32)
@@ -126,31 +129,36 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
     tile_positions = prefill_positions[tile_token_indices]
 
-    def num_chunks(furthest_positions: np.ndarray) -> np.ndarray:
-        return np.int32(-(-(int(furthest_positions.max(initial=-1)) + 1) // CHUNK_TOKENS))
+    def num_chunks(furthest_positions: np.ndarray, chunk_tokens: int) -> np.ndarray:
+        keys = chunk_blocks(block_size, chunk_tokens) * block_size
+        return np.int32(-(-(int(furthest_positions.max(initial=-1)) + 1) // keys))
 
-    num_sampling_rows = _round_up(len(sampling_requests), ROW_MULTIPLE)
+    num_sampling_rows = stepped_bucket(len(sampling_requests), ROW_MULTIPLE)
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
     decode_tables = [block_tables[s.request.request_id] for s in decodes]
     inputs = StepInputs(
         token_ids, positions, slot_mapping,
-        decode_block_tables=_table_array(decode_tables, num_rows, block_size),
-        num_decode_chunks=num_chunks(positions[:num_rows]),
+        decode_block_tables=_table_array(decode_tables, num_rows, block_size, chunks),
+        num_decode_chunks=num_chunks(positions[:num_rows], chunks.decode),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
-        tile_block_tables=_table_array(tile_tables, num_tiles, block_size),
-        num_tile_chunks=num_chunks(tile_positions),
+        tile_block_tables=_table_array(tile_tables, num_tiles, block_size, chunks),
+        num_tile_chunks=num_chunks(tile_positions, chunks.prefill),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids)
     return StepBatch(inputs, sampler, flags, sampling_requests)
 
 
-def _table_array(tables: list[list[int]], num_rows: int, block_size: int) -> np.ndarray:
+def _table_array(tables: list[list[int]], num_rows: int, block_size: int,
+                 chunks: ChunkSizes) -> np.ndarray:
     """Block tables as [num_rows, width] (rows and entries past the tables: block 0, unread)."""
-    width = bucket(max(map(len, tables), default=0), max(MIN_TABLE_WIDTH, chunk_blocks(
-        block_size)))
+    # Attention slices whole chunks of blocks out of a row: a partial last chunk would be
+    # clamped to the table's end and read the wrong blocks.
+    multiple = math.lcm(chunk_blocks(block_size, chunks.decode),
+                        chunk_blocks(block_size, chunks.prefill))
+    width = _round_up(bucket(max(map(len, tables), default=0), MIN_TABLE_WIDTH), multiple)
     array = np.zeros((num_rows, width), np.int32)
     for row, table in enumerate(tables):
         array[row, :len(table)] = table

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 from folojax.config import ModelConfig
 from folojax.engine.step_inputs import SamplerInputs, StepInputs
 from folojax.model.decoder import count_compile, decoder_layers, lm_head
-from folojax.ops.paged_attention import paged_attention
+from folojax.ops.paged_attention import ChunkSizes, paged_attention
 from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
 from folojax.ops.sampling import SamplerFlags, SamplerState, sample
 
 
-def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs):
+def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs,
+                 chunks: ChunkSizes):
     """Final hidden states [tokens, hidden] of the step's flat tokens, and the updated cache."""
     num_rows = inputs.num_decode_rows
 
@@ -26,14 +27,15 @@ def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepI
         k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
         decode = paged_attention(q[:num_rows, None], k_cache, v_cache,
                                  inputs.decode_block_tables, inputs.positions[:num_rows, None],
-                                 inputs.num_decode_chunks)
+                                 inputs.num_decode_chunks, chunks.decode)
         if inputs.tile_block_tables.shape[0] == 0:  # static: a decode-only step
             return decode[:, 0][None], cache
         # Prefill tiles gather their queries from the flat prefill tokens, and scatter back.
         prefill_q = jnp.take(q[num_rows:], inputs.tile_token_indices, axis=0, mode="fill",
                              fill_value=0)  # [tiles, PREFILL_TILE, heads, head_dim]
         tiles = paged_attention(prefill_q, k_cache, v_cache, inputs.tile_block_tables,
-                                inputs.tile_positions, inputs.num_tile_chunks)
+                                inputs.tile_positions, inputs.num_tile_chunks,
+                                chunks.prefill)
         prefill = tiles.reshape(-1, *q.shape[1:])[inputs.token_tile_indices]
         out = jnp.concatenate([decode[:, 0], prefill])
         return out[None], cache
@@ -63,12 +65,13 @@ def _sampler_state(sampler: SamplerInputs, vocab_size: int, flags: SamplerFlags)
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "flags", "chunks"),
+                   donate_argnames=("cache",))
 def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: SamplerInputs,
-               config: ModelConfig, flags: SamplerFlags):
+               config: ModelConfig, flags: SamplerFlags, chunks: ChunkSizes):
     """Returns (tokens [sampling rows], logprobs or None, new cache). Donates `cache`."""
     count_compile("paged_step")
-    hidden, cache = paged_hidden(params, config, cache, inputs)
+    hidden, cache = paged_hidden(params, config, cache, inputs, chunks)
     logits = lm_head(params, hidden[inputs.sample_indices])
     tensors = dataclasses.replace(sampler.tensors,
                                   keys=jax.random.wrap_key_data(sampler.tensors.keys))

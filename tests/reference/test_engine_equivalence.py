@@ -58,6 +58,17 @@ def test_tight_engine_gives_every_request_its_greedy_tokens_alone(checkpoint):
     assert llm.llm_engine.kv_cache_manager.pool.num_free_blocks == 14
 
 
+@pytest.mark.parametrize("block_size", [12, 20])
+def test_block_sizes_that_do_not_divide_the_attention_chunks(checkpoint, block_size):
+    """Attention walks a block table a chunk of blocks at a time; with 12- or 20-token blocks a
+    190-token prompt ends inside a chunk that a table rounded only to a power of two would cut
+    short (and the device would clamp the slice onto the wrong blocks)."""
+    prompt = np.random.default_rng(3).integers(3, 320, 190).tolist()
+    llm = make_llm(checkpoint, block_size=block_size, max_num_batched_tokens=256)
+    [output] = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
+    assert output.outputs[0].token_ids == hf_greedy(checkpoint, prompt)
+
+
 def test_prefix_cache_hits_are_reported_and_change_nothing(checkpoint):
     prompts = mixed_prompts()
     cached = make_llm(checkpoint, block_size=8, max_num_seqs=8)
