@@ -14,7 +14,6 @@ dropped); padding sampling rows are greedy and ignored.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import numpy as np
@@ -47,8 +46,11 @@ class StepInputs:
     token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill tokens
     positions: np.ndarray  # [tokens] (-1 = padding)
     slot_mapping: np.ndarray  # [tokens]: cache slot each token's keys go to (num_slots = drop)
-    decode_block_tables: np.ndarray  # [decode rows, blocks]
-    num_decode_chunks: np.ndarray  # [] int32: attention iterations of the longest decode row
+    # Decode attention's work items: one chunk of one decode row's keys each.
+    item_rows: np.ndarray  # [items]: decode row (padding items: row 0)
+    item_blocks: np.ndarray  # [items, blocks per item]
+    item_starts: np.ndarray  # [items]: position of the item's first key (padding: past all)
+    num_item_iterations: np.ndarray  # [] int32: loop iterations covering the real items
     tile_token_indices: np.ndarray  # [tiles, PREFILL_TILE]: prefill token of each query
     tile_positions: np.ndarray  # [tiles, PREFILL_TILE] (-1 = padding)
     token_tile_indices: np.ndarray  # [prefill tokens]: where each sits in the flattened tiles
@@ -58,7 +60,7 @@ class StepInputs:
 
     @property
     def num_decode_rows(self) -> int:
-        return self.decode_block_tables.shape[0]
+        return self.token_ids.shape[0] - self.token_tile_indices.shape[0]
 
 
 @jax.tree_util.register_dataclass
@@ -136,11 +138,10 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     num_sampling_rows = stepped_bucket(len(sampling_requests), ROW_MULTIPLE)
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
-    decode_tables = [block_tables[s.request.request_id] for s in decodes]
     inputs = StepInputs(
         token_ids, positions, slot_mapping,
-        decode_block_tables=_table_array(decode_tables, num_rows, block_size, chunks),
-        num_decode_chunks=num_chunks(positions[:num_rows], chunks.decode),
+        **_decode_items([block_tables[s.request.request_id] for s in decodes],
+                        positions[:len(decodes)], block_size, chunks),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
         tile_block_tables=_table_array(tile_tables, num_tiles, block_size, chunks),
@@ -151,13 +152,36 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     return StepBatch(inputs, sampler, flags, sampling_requests)
 
 
+def _decode_items(tables: list[list[int]], positions: np.ndarray, block_size: int,
+                  chunks: ChunkSizes) -> dict[str, np.ndarray]:
+    """Splits each decode row's keys into work items of chunks.decode keys (whole blocks);
+    items are padded to a bucket that is a multiple of chunks.decode_items."""
+    per_item = chunk_blocks(block_size, chunks.decode)
+    counts = -(-(positions + 1) // (per_item * block_size))  # items per row
+    num_real = int(counts.sum())
+    num_items = stepped_bucket(num_real, 4 * chunks.decode_items)
+    item_rows = np.zeros(num_items, np.int32)
+    item_blocks = np.zeros((num_items, per_item), np.int32)
+    item_starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
+    item_rows[:num_real] = np.repeat(np.arange(len(tables)), counts)
+    first = 0
+    for table, count in zip(tables, counts, strict=True):
+        blocks = np.zeros(count * per_item, np.int32)
+        used = min(len(table), len(blocks))
+        blocks[:used] = table[:used]
+        item_blocks[first:first + count] = blocks.reshape(count, per_item)
+        item_starts[first:first + count] = np.arange(count) * per_item * block_size
+        first += count
+    return dict(item_rows=item_rows, item_blocks=item_blocks, item_starts=item_starts,
+                num_item_iterations=np.int32(-(-num_real // chunks.decode_items)))
+
+
 def _table_array(tables: list[list[int]], num_rows: int, block_size: int,
                  chunks: ChunkSizes) -> np.ndarray:
     """Block tables as [num_rows, width] (rows and entries past the tables: block 0, unread)."""
     # Attention slices whole chunks of blocks out of a row: a partial last chunk would be
     # clamped to the table's end and read the wrong blocks.
-    multiple = math.lcm(chunk_blocks(block_size, chunks.decode),
-                        chunk_blocks(block_size, chunks.prefill))
+    multiple = chunk_blocks(block_size, chunks.prefill)
     width = _round_up(bucket(max(map(len, tables), default=0), MIN_TABLE_WIDTH), multiple)
     array = np.zeros((num_rows, width), np.int32)
     for row, table in enumerate(tables):

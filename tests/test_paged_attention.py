@@ -1,0 +1,79 @@
+"""Paged attention against a dense softmax over each row's own keys, read from its blocks."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from folojax.engine.step_inputs import _decode_items
+from folojax.ops.paged_attention import ChunkSizes, paged_attention, paged_decode_attention
+
+KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 3, 8, 4, 256
+CPU, GPU = ChunkSizes(decode=64, decode_items=16, prefill=64), ChunkSizes(512, 256, 512)
+
+
+def reference(q, keys, values, length):
+    """q [heads, dim] attending to keys/values [length, kv_heads, dim]."""
+    k = np.repeat(keys[:length], GROUPS, axis=1)  # [length, heads, dim]
+    v = np.repeat(values[:length], GROUPS, axis=1)
+    scores = np.einsum("hd,lhd->hl", q, k) / np.sqrt(HEAD_DIM)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("hl,lhd->hd", probs / probs.sum(-1, keepdims=True), v)
+
+
+def random_pool(rng, lengths):
+    """A cache pool and one shuffled block table per row; also each row's keys in order."""
+    k_cache = rng.standard_normal((KV_HEADS, NUM_BLOCKS, BLOCK, HEAD_DIM)).astype(np.float32)
+    v_cache = rng.standard_normal(k_cache.shape).astype(np.float32)
+    free = list(rng.permutation(NUM_BLOCKS))
+    tables = [[int(free.pop()) for _ in range(-(-n // BLOCK))] for n in lengths]
+
+    def row_keys(cache, table):
+        return cache[:, table].transpose(1, 2, 0, 3).reshape(-1, KV_HEADS, HEAD_DIM)
+
+    return k_cache, v_cache, tables, row_keys
+
+
+@pytest.mark.parametrize("chunks", [CPU, GPU], ids=["cpu-chunks", "gpu-chunks"])
+def test_decode_rows_of_different_lengths_attend_to_their_own_keys(chunks):
+    rng = np.random.default_rng(0)
+    lengths = [1, 5, 64, 65, 130, 37, 200]  # some end inside an item, some on its edge
+    k_cache, v_cache, tables, row_keys = random_pool(rng, lengths)
+    rows = len(lengths) + 1  # one padding row (position -1)
+    q = rng.standard_normal((rows, KV_HEADS * GROUPS, HEAD_DIM)).astype(np.float32)
+    positions = np.array([n - 1 for n in lengths] + [-1], np.int32)
+    items = _decode_items(tables, positions[:len(lengths)], BLOCK, chunks)
+    assert items["item_rows"].shape[0] % chunks.decode_items == 0
+    out = np.asarray(paged_decode_attention(
+        jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), items["item_rows"],
+        items["item_blocks"], items["item_starts"], jnp.asarray(positions),
+        items["num_item_iterations"], chunks.decode_items))
+    for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
+        expected = reference(q[row], row_keys(k_cache, table), row_keys(v_cache, table), n)
+        np.testing.assert_allclose(out[row], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[-1], 0)  # the padding row sees nothing
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_prefill_tiles_are_causal_over_their_request_blocks(chunk):
+    rng = np.random.default_rng(1)
+    lengths, q_len = [70, 30], 8  # each tile: the last q_len positions of its request
+    k_cache, v_cache, tables, row_keys = random_pool(rng, lengths)
+    width = 32  # a multiple of every chunk's blocks
+    block_tables = np.zeros((len(lengths), width), np.int32)
+    for row, table in enumerate(tables):
+        block_tables[row, :len(table)] = table
+    positions = np.array([np.arange(n - q_len, n) for n in lengths], np.int32)
+    positions[1, -2:] = -1  # padding queries
+    q = rng.standard_normal((len(lengths), q_len, KV_HEADS * GROUPS, HEAD_DIM)).astype(np.float32)
+    keys_per_chunk = max(1, chunk // BLOCK) * BLOCK
+    out = np.asarray(paged_attention(
+        jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(block_tables),
+        jnp.asarray(positions), np.int32(-(-max(lengths) // keys_per_chunk)), chunk))
+    for row, table in enumerate(tables):
+        for i, position in enumerate(positions[row]):
+            if position < 0:
+                np.testing.assert_array_equal(out[row, i], 0)
+                continue
+            expected = reference(q[row, i], row_keys(k_cache, table), row_keys(v_cache, table),
+                                 position + 1)
+            np.testing.assert_allclose(out[row, i], expected, rtol=1e-5, atol=1e-5)
