@@ -1,12 +1,13 @@
 """The boundary: one scheduler output -> fixed-shape numpy arrays for the device step.
 
 Tokens are flat: first one row per decode (a request computing a single token), then the tokens
-of the prefill chunks, back to back. Attention runs over rows of queries, each with its request's
-block table: decode rows of one query, and prefill tiles of PREFILL_TILE queries, which gather
-their tokens from the flat prefill part (a chunk's last tile is padded; the flat tokens, which the
-dense layers compute, are not). Dimensions are padded to buckets (decode and sampling rows to
-multiples of 8 up to 64, prefill tokens to multiples of 128 up to 1024, powers of two beyond;
-tiles and block tables to powers of two), so the step compiles once per bucket combination.
+of the prefill chunks, back to back. Decode attention runs over work items (one chunk of one
+decode row's blocks each); prefill attention over tiles of PREFILL_TILE queries with their
+request's block table, which gather their tokens from the flat prefill part (a chunk's last tile
+is padded; the flat tokens, which the dense layers compute, are not). Dimensions are padded to
+buckets (decode and sampling rows to multiples of 8 up to 64, prefill tokens to multiples of 128
+up to 1024, work items to multiples of 4 x decode_items, powers of two beyond; tiles and block
+tables to powers of two), so the step compiles once per bucket combination.
 Padding tokens have position -1 (they see no key) and an out-of-range slot (their keys are
 dropped); padding sampling rows are greedy and ignored.
 """
