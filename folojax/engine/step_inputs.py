@@ -132,10 +132,6 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
     tile_positions = prefill_positions[tile_token_indices]
 
-    def num_chunks(furthest_positions: np.ndarray, chunk_tokens: int) -> np.ndarray:
-        keys = chunk_blocks(block_size, chunk_tokens) * block_size
-        return np.int32(-(-(int(furthest_positions.max(initial=-1)) + 1) // keys))
-
     num_sampling_rows = stepped_bucket(len(sampling_requests), ROW_MULTIPLE)
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
@@ -146,7 +142,8 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
         tile_block_tables=_table_array(tile_tables, num_tiles, block_size, chunks),
-        num_tile_chunks=num_chunks(tile_positions, chunks.prefill),
+        num_tile_chunks=np.int32(-(-(int(tile_positions.max(initial=-1)) + 1)
+                                   // (chunk_blocks(block_size, chunks.prefill) * block_size))),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids)

@@ -131,8 +131,9 @@ def paged_decode_attention(
                                                 items_per_iteration, axis=axis)
 
         shape = (num_kv_heads, items_per_iteration, item_keys, head_dim)
-        k = jnp.take(k_cache, items(item_blocks), axis=1, mode="clip").reshape(shape)
-        v = jnp.take(v_cache, items(item_blocks), axis=1, mode="clip").reshape(shape)
+        blocks = items(item_blocks)
+        k = jnp.take(k_cache, blocks, axis=1, mode="clip").reshape(shape)
+        v = jnp.take(v_cache, blocks, axis=1, mode="clip").reshape(shape)
         scores = jnp.einsum("higd,hikd->higk", items(item_q, 1), k,
                             preferred_element_type=jnp.float32)
         key_positions = items(item_starts)[:, None] + jnp.arange(item_keys)
