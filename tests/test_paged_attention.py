@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from folojax.engine.step_inputs import _decode_items
-from folojax.ops.paged_attention import ChunkSizes, paged_attention, paged_decode_attention
+from folojax.engine.step_inputs import work_items
+from folojax.ops.paged_attention import ChunkSizes, paged_attention
 
 KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 3, 8, 4, 256
-CPU, GPU = ChunkSizes(decode=64, decode_items=16, prefill=64), ChunkSizes(512, 256, 512)
+CPU, GPU = ChunkSizes(64, 16, 64, 16), ChunkSizes(512, 256, 512, 128)
 
 
 def reference(q, keys, values, length):
@@ -41,34 +41,36 @@ def test_decode_rows_of_different_lengths_attend_to_their_own_keys(chunks):
     rows = len(lengths) + 1  # one padding row (position -1)
     q = rng.standard_normal((rows, KV_HEADS * GROUPS, HEAD_DIM)).astype(np.float32)
     positions = np.array([n - 1 for n in lengths] + [-1], np.int32)
-    items = _decode_items(tables, positions[:len(lengths)], BLOCK, chunks)
-    assert items["item_rows"].shape[0] % chunks.decode_items == 0
-    out = np.asarray(paged_decode_attention(
-        jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), items["item_rows"],
-        items["item_blocks"], items["item_starts"], jnp.asarray(positions),
-        items["num_item_iterations"], chunks.decode_items))
+    items = work_items(tables, positions[:len(lengths)], BLOCK, chunks.decode,
+                       chunks.decode_items)
+    assert items.rows.shape[0] % chunks.decode_items == 0
+    out = np.asarray(paged_attention(
+        jnp.asarray(q[:, None]), jnp.asarray(k_cache), jnp.asarray(v_cache), items,
+        jnp.asarray(positions[:, None]), chunks.decode_items))[:, 0]
     for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
         expected = reference(q[row], row_keys(k_cache, table), row_keys(v_cache, table), n)
         np.testing.assert_allclose(out[row], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[-1], 0)  # the padding row sees nothing
 
 
-@pytest.mark.parametrize("chunk", [16, 64])
-def test_prefill_tiles_are_causal_over_their_request_blocks(chunk):
+@pytest.mark.parametrize(("chunk", "items_per_iteration"), [(16, 1), (64, 16), (512, 128)])
+def test_prefill_tiles_are_causal_over_their_request_blocks(chunk, items_per_iteration):
     rng = np.random.default_rng(1)
-    lengths, q_len = [70, 30], 8  # each tile: the last q_len positions of its request
+    lengths, q_len = [70, 30, 100], 8
     k_cache, v_cache, tables, row_keys = random_pool(rng, lengths)
-    width = 32  # a multiple of every chunk's blocks
-    block_tables = np.zeros((len(lengths), width), np.int32)
-    for row, table in enumerate(tables):
-        block_tables[row, :len(table)] = table
-    positions = np.array([np.arange(n - q_len, n) for n in lengths], np.int32)
-    positions[1, -2:] = -1  # padding queries
+    # Tile 0: the last q_len positions of request 0; tile 1 the same of request 1, ending in
+    # padding queries; tile 2: the first q_len positions of request 2 (a chunk it needs alone).
+    positions = np.array([np.arange(70 - q_len, 70), np.arange(30 - q_len, 30),
+                          np.arange(q_len)], np.int32)
+    positions[1, -2:] = -1
     q = rng.standard_normal((len(lengths), q_len, KV_HEADS * GROUPS, HEAD_DIM)).astype(np.float32)
-    keys_per_chunk = max(1, chunk // BLOCK) * BLOCK
+    items = work_items(tables, positions.max(axis=1), BLOCK, chunk, items_per_iteration)
+    keys_per_item = max(1, chunk // BLOCK) * BLOCK
+    assert int(items.num_iterations) * items_per_iteration >= sum(
+        -(-(p + 1) // keys_per_item) for p in positions.max(axis=1))
     out = np.asarray(paged_attention(
-        jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(block_tables),
-        jnp.asarray(positions), np.int32(-(-max(lengths) // keys_per_chunk)), chunk))
+        jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), items,
+        jnp.asarray(positions), items_per_iteration))
     for row, table in enumerate(tables):
         for i, position in enumerate(positions[row]):
             if position < 0:

@@ -1,13 +1,14 @@
 """The boundary: one scheduler output -> fixed-shape numpy arrays for the device step.
 
 Tokens are flat: first one row per decode (a request computing a single token), then the tokens
-of the prefill chunks, back to back. Decode attention runs over work items (one chunk of one
-decode row's blocks each); prefill attention over tiles of PREFILL_TILE queries with their
-request's block table, which gather their tokens from the flat prefill part (a chunk's last tile
-is padded; the flat tokens, which the dense layers compute, are not). Dimensions are padded to
-buckets (decode and sampling rows to multiples of 8 up to 64, prefill tokens to multiples of 128
-up to 1024, work items to multiples of 4 x decode_items, powers of two beyond; tiles and block
-tables to powers of two), so the step compiles once per bucket combination.
+of the prefill chunks, back to back. Prefill attention runs over tiles of PREFILL_TILE queries of
+one request, which gather their tokens from the flat prefill part (a chunk's last tile is padded;
+the flat tokens, which the dense layers compute, are not). Decode rows and prefill tiles attend
+through work items, one chunk of the row's (tile's) blocks each, up to its furthest query.
+Dimensions are padded to buckets (decode and sampling rows to multiples of 8 up to 64, prefill
+tokens to multiples of 128 up to 1024, work items to multiples of 4 x items per iteration,
+powers of two beyond; tiles to powers of two), so the step compiles once per bucket
+combination.
 Padding tokens have position -1 (they see no key) and an out-of-range slot (their keys are
 dropped); padding sampling rows are greedy and ignored.
 """
@@ -24,21 +25,16 @@ from folojax.engine.request import Request
 from folojax.engine.sampling_inputs import PADDING_ROW, sampler_flags, sampling_tensors
 from folojax.engine.sampling_inputs import stop_token_ids as banned_token_ids
 from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
-from folojax.ops.paged_attention import ChunkSizes, chunk_blocks
+from folojax.ops.paged_attention import ChunkSizes, WorkItems, chunk_blocks
 from folojax.ops.sampling import SamplerFlags, SamplingTensors
 
 PREFILL_TILE = 64  # queries per prefill attention row
 ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, ..., 64, 128, 256, ...
 PREFILL_TOKEN_MULTIPLE = 128
-MIN_TABLE_WIDTH = 16  # blocks per block-table row: 16, 32, 64, ...
 
 
 def _padded(n: int, minimum: int) -> int:
     return 0 if n == 0 else bucket(n, minimum)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @jax.tree_util.register_dataclass
@@ -47,16 +43,11 @@ class StepInputs:
     token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill tokens
     positions: np.ndarray  # [tokens] (-1 = padding)
     slot_mapping: np.ndarray  # [tokens]: cache slot each token's keys go to (num_slots = drop)
-    # Decode attention's work items: one chunk of one decode row's keys each.
-    item_rows: np.ndarray  # [items]: decode row (padding items: row 0)
-    item_blocks: np.ndarray  # [items, blocks per item]
-    item_starts: np.ndarray  # [items]: position of the item's first key (padding: past all)
-    num_item_iterations: np.ndarray  # [] int32: loop iterations covering the real items
+    decode_items: WorkItems  # attention work items of the decode rows
     tile_token_indices: np.ndarray  # [tiles, PREFILL_TILE]: prefill token of each query
     tile_positions: np.ndarray  # [tiles, PREFILL_TILE] (-1 = padding)
     token_tile_indices: np.ndarray  # [prefill tokens]: where each sits in the flattened tiles
-    tile_block_tables: np.ndarray  # [tiles, blocks]
-    num_tile_chunks: np.ndarray  # [] int32
+    prefill_items: WorkItems  # attention work items of the prefill tiles
     sample_indices: np.ndarray  # [sampling rows]: flat token whose logits each row samples from
 
     @property
@@ -131,60 +122,49 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         token_tile_indices[tokens] = tile * PREFILL_TILE + np.arange(len(tokens))
     prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
     tile_positions = prefill_positions[tile_token_indices]
+    tile_last_positions = tile_positions[:len(tile_tables)].max(axis=1, initial=-1)
 
     num_sampling_rows = stepped_bucket(len(sampling_requests), ROW_MULTIPLE)
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
     inputs = StepInputs(
         token_ids, positions, slot_mapping,
-        **_decode_items([block_tables[s.request.request_id] for s in decodes],
-                        positions[:len(decodes)], block_size, chunks),
+        decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
+                                positions[:len(decodes)], block_size, chunks.decode,
+                                chunks.decode_items),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
-        tile_block_tables=_table_array(tile_tables, num_tiles, block_size, chunks),
-        num_tile_chunks=np.int32(-(-(int(tile_positions.max(initial=-1)) + 1)
-                                   // (chunk_blocks(block_size, chunks.prefill) * block_size))),
+        prefill_items=work_items(tile_tables, tile_last_positions, block_size, chunks.prefill,
+                                 chunks.prefill_items),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids)
     return StepBatch(inputs, sampler, flags, sampling_requests)
 
 
-def _decode_items(tables: list[list[int]], positions: np.ndarray, block_size: int,
-                  chunks: ChunkSizes) -> dict[str, np.ndarray]:
-    """Splits each decode row's keys into work items of chunks.decode keys (whole blocks);
-    items are padded to a bucket that is a multiple of chunks.decode_items."""
-    per_item = chunk_blocks(block_size, chunks.decode)
-    counts = -(-(positions + 1) // (per_item * block_size))  # items per row
+def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: int,
+               keys_per_item: int, items_per_iteration: int) -> WorkItems:
+    """Splits each row's keys, up to its furthest query's position, into work items of
+    keys_per_item keys (whole blocks); items are padded to a bucket that is a multiple of
+    items_per_iteration."""
+    per_item = chunk_blocks(block_size, keys_per_item)
+    counts = -(-(np.asarray(last_positions, np.int64) + 1) // (per_item * block_size))
     num_real = int(counts.sum())
-    num_items = stepped_bucket(num_real, 4 * chunks.decode_items)
-    item_rows = np.zeros(num_items, np.int32)
-    item_blocks = np.zeros((num_items, per_item), np.int32)
-    item_starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
-    item_rows[:num_real] = np.repeat(np.arange(len(tables)), counts)
+    num_items = stepped_bucket(num_real, 4 * items_per_iteration)
+    rows = np.zeros(num_items, np.int32)
+    blocks = np.zeros((num_items, per_item), np.int32)
+    starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
+    rows[:num_real] = np.repeat(np.arange(len(tables)), counts)
     first = 0
     for table, count in zip(tables, counts, strict=True):
-        blocks = np.zeros(count * per_item, np.int32)
-        used = min(len(table), len(blocks))
-        blocks[:used] = table[:used]
-        item_blocks[first:first + count] = blocks.reshape(count, per_item)
-        item_starts[first:first + count] = np.arange(count) * per_item * block_size
+        row_blocks = np.zeros(count * per_item, np.int32)
+        used = min(len(table), len(row_blocks))
+        row_blocks[:used] = table[:used]
+        blocks[first:first + count] = row_blocks.reshape(count, per_item)
+        starts[first:first + count] = np.arange(count) * per_item * block_size
         first += count
-    return dict(item_rows=item_rows, item_blocks=item_blocks, item_starts=item_starts,
-                num_item_iterations=np.int32(-(-num_real // chunks.decode_items)))
-
-
-def _table_array(tables: list[list[int]], num_rows: int, block_size: int,
-                 chunks: ChunkSizes) -> np.ndarray:
-    """Block tables as [num_rows, width] (rows and entries past the tables: block 0, unread)."""
-    # Attention slices whole chunks of blocks out of a row: a partial last chunk would be
-    # clamped to the table's end and read the wrong blocks.
-    multiple = chunk_blocks(block_size, chunks.prefill)
-    width = _round_up(bucket(max(map(len, tables), default=0), MIN_TABLE_WIDTH), multiple)
-    array = np.zeros((num_rows, width), np.int32)
-    for row, table in enumerate(tables):
-        array[row, :len(table)] = table
-    return array
+    return WorkItems(rows, blocks, starts,
+                     num_iterations=np.int32(-(-num_real // items_per_iteration)))
 
 
 def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from folojax.config import ModelConfig
 from folojax.engine.step_inputs import SamplerInputs, StepInputs
 from folojax.model.decoder import count_compile, decoder_layers, lm_head
-from folojax.ops.paged_attention import ChunkSizes, paged_attention, paged_decode_attention
+from folojax.ops.paged_attention import ChunkSizes, paged_attention
 from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
 from folojax.ops.sampling import SamplerFlags, SamplerState, sample
 
@@ -25,18 +25,15 @@ def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepI
         q, k, v = q[0], k[0], v[0]  # one flat "batch" of tokens
         cache = write_slots(cache, layer_index, k, v, inputs.slot_mapping)
         k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
-        decode = paged_decode_attention(q[:num_rows], k_cache, v_cache, inputs.item_rows,
-                                        inputs.item_blocks, inputs.item_starts,
-                                        inputs.positions[:num_rows], inputs.num_item_iterations,
-                                        chunks.decode_items)
-        if inputs.tile_block_tables.shape[0] == 0:  # static: a decode-only step
+        decode = paged_attention(q[:num_rows, None], k_cache, v_cache, inputs.decode_items,
+                                 inputs.positions[:num_rows, None], chunks.decode_items)[:, 0]
+        if inputs.tile_token_indices.shape[0] == 0:  # static: a decode-only step
             return decode[None], cache
         # Prefill tiles gather their queries from the flat prefill tokens, and scatter back.
         prefill_q = jnp.take(q[num_rows:], inputs.tile_token_indices, axis=0, mode="fill",
                              fill_value=0)  # [tiles, PREFILL_TILE, heads, head_dim]
-        tiles = paged_attention(prefill_q, k_cache, v_cache, inputs.tile_block_tables,
-                                inputs.tile_positions, inputs.num_tile_chunks,
-                                chunks.prefill)
+        tiles = paged_attention(prefill_q, k_cache, v_cache, inputs.prefill_items,
+                                inputs.tile_positions, chunks.prefill_items)
         prefill = tiles.reshape(-1, *q.shape[1:])[inputs.token_tile_indices]
         out = jnp.concatenate([decode, prefill])
         return out[None], cache
