@@ -4,6 +4,7 @@ import jax
 
 import folojax
 from folojax.engine.buckets import stepped_bucket
+from folojax.engine.step_inputs import prefill_token_bucket
 
 
 def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
@@ -25,3 +26,8 @@ def test_stepped_buckets_are_linear_then_geometric():
     assert [stepped_bucket(n, 8) for n in (0, 1, 8, 9, 63, 64, 65, 128, 129, 300)] == [
         0, 8, 8, 16, 64, 64, 128, 128, 256, 512]
     assert [stepped_bucket(n, 128) for n in (1, 1000, 1025, 2049)] == [128, 1024, 2048, 4096]
+
+
+def test_short_prefills_pad_to_multiples_of_32_longer_ones_to_128():
+    assert [prefill_token_bucket(n) for n in (0, 1, 24, 33, 128, 129, 1000, 1025)] == [
+        0, 32, 32, 64, 128, 256, 1024, 2048]

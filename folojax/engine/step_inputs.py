@@ -6,9 +6,9 @@ one request, which gather their tokens from the flat prefill part (a chunk's las
 the flat tokens, which the dense layers compute, are not). Decode rows and prefill tiles attend
 through work items, one chunk of the row's (tile's) blocks each, up to its furthest query.
 Dimensions are padded to buckets (decode and sampling rows to multiples of 8 up to 64, prefill
-tokens to multiples of 128 up to 1024, work items to multiples of 4 x items per iteration,
-powers of two beyond; tiles to powers of two), so the step compiles once per bucket
-combination.
+tokens to multiples of 32 up to 128 and of 128 up to 1024, work items to multiples of 4 x items
+per iteration, powers of two beyond; tiles to powers of two), so the step compiles once per
+bucket combination.
 Padding tokens have position -1 (they see no key) and an out-of-range slot (their keys are
 dropped); padding sampling rows are greedy and ignored.
 """
@@ -30,7 +30,8 @@ from folojax.ops.sampling import SamplerFlags, SamplingTensors
 
 PREFILL_TILE = 64  # queries per prefill attention row
 ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, ..., 64, 128, 256, ...
-PREFILL_TOKEN_MULTIPLE = 128
+SHORT_PREFILL_MULTIPLE = 32  # prefill tokens: 32, 64, 96, 128, then as below
+PREFILL_TOKEN_MULTIPLE = 128  # 256, 384, ..., 1024, 2048, ...
 
 
 def _padded(n: int, minimum: int) -> int:
@@ -76,14 +77,21 @@ class StepBatch:
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
 
 
+def prefill_token_bucket(n: int) -> int:
+    """Short prefills (a prompt's tail after a prefix-cache hit, a last chunk) pad to multiples
+    of 32, longer ones to multiples of 128: a 32-token suffix computes 32 tokens, not 128."""
+    if n <= 4 * SHORT_PREFILL_MULTIPLE:
+        return stepped_bucket(n, SHORT_PREFILL_MULTIPLE)
+    return stepped_bucket(n, PREFILL_TOKEN_MULTIPLE)
+
+
 def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
                num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...],
                chunks: ChunkSizes) -> StepBatch:
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
     num_rows = stepped_bucket(len(decodes), ROW_MULTIPLE)
-    num_prefill_tokens = stepped_bucket(sum(s.num_new_tokens for s in prefills),
-                                        PREFILL_TOKEN_MULTIPLE)
+    num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.full(num_tokens, -1, np.int32)

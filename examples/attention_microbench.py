@@ -1,0 +1,81 @@
+"""One layer's paged attention at the throughput workload's shapes (Qwen3-small: 4 KV heads x 2
+query heads each, head_dim 64, 16-token blocks), with work items cut to each row's own keys
+against every row padded to the furthest one (what a single chunk loop over all rows costs).
+
+    python examples/attention_microbench.py
+
+Prints the best and median of interleaved runs, in ms. Used for docs/BENCHMARKS.md.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from folojax.engine.step_inputs import PREFILL_TILE, work_items
+from folojax.ops.paged_attention import default_chunk_sizes, paged_attention
+
+KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 4, 2, 64, 16, 2048
+
+
+def timings(functions, repeats=12):
+    runs = {name: [] for name in functions}
+    for _ in range(repeats + 1):  # the first round compiles
+        for name, run in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            runs[name].append(time.perf_counter() - start)
+    for name, seconds in runs.items():
+        print(f"{name:55s} best {min(seconds[1:]) * 1e3:6.2f}  median "
+              f"{np.median(seconds[1:]) * 1e3:6.2f} ms")
+
+
+def compare(label, q, positions, tables, keys_per_item, items_per_iteration, k_cache, v_cache):
+    last = positions.max(axis=1)
+    attend = jax.jit(lambda q, items, positions: paged_attention(
+        q, k_cache, v_cache, items, positions, items_per_iteration))
+    own = work_items(tables, last, BLOCK, keys_per_item, items_per_iteration)
+    # Every row walks as many chunks as the furthest row (its extra keys are masked).
+    padded_tables = [table + [table[-1]] * 64 for table in tables]
+    longest = work_items(padded_tables, np.full_like(last, last.max()), BLOCK, keys_per_item,
+                         items_per_iteration)
+    timings({f"{label}: items up to each row's own last query": lambda: attend(q, own, positions),
+             f"{label}: every row up to the furthest row": lambda: attend(q, longest, positions)})
+
+
+def main():
+    rng = np.random.default_rng(0)
+    chunks = default_chunk_sizes()
+    shape = (KV_HEADS, NUM_BLOCKS, BLOCK, HEAD_DIM)
+    k_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
+    v_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
+    free = list(rng.permutation(NUM_BLOCKS))
+
+    def tables_for(lengths):
+        return [[int(free.pop()) for _ in range(-(-int(n) // BLOCK))] for n in lengths]
+
+    # 48 decode rows of 40-320 tokens.
+    lengths = rng.integers(40, 320, 48)
+    q = jnp.asarray(rng.standard_normal((48, 1, KV_HEADS * GROUPS, HEAD_DIM), np.float32))
+    compare("48 decode rows", q, (lengths - 1)[:, None].astype(np.int32), tables_for(lengths),
+            chunks.decode, chunks.decode_items, k_cache, v_cache)
+
+    # Whole prompts of 8 requests (32-256 tokens) as tiles of 64 queries.
+    lengths = rng.integers(32, 257, 8)
+    tables, tile_tables, tile_positions = tables_for(lengths), [], []
+    for table, n in zip(tables, lengths, strict=True):
+        for offset in range(0, n, PREFILL_TILE):
+            positions = np.full(PREFILL_TILE, -1, np.int32)
+            count = min(PREFILL_TILE, n - offset)
+            positions[:count] = np.arange(offset, offset + count)
+            tile_positions.append(positions)
+            tile_tables.append(table)
+    q = jnp.asarray(rng.standard_normal(
+        (len(tile_tables), PREFILL_TILE, KV_HEADS * GROUPS, HEAD_DIM), np.float32))
+    compare(f"{len(tile_tables)} prefill tiles", q, np.stack(tile_positions), tile_tables,
+            chunks.prefill, chunks.prefill_items, k_cache, v_cache)
+
+
+if __name__ == "__main__":
+    main()
