@@ -10,9 +10,9 @@ per row at the end. The loop's trip count is traced, so lengths do not recompile
 loop body keeps each iteration's keys in the caches; XLA's CPU backend also fuses a gather into
 the following dot far less well outside a loop body.
 
-Measured on this CPU (Qwen3-small shapes, one layer): 48 decode rows of 40-320 tokens 1.45x
-faster than walking every row's blocks in one loop; 24 prefill tiles of 8 prompts (32-256
-tokens) 1.9x faster than every tile walking the chunks of the furthest one.
+Measured on this CPU (Qwen3-small shapes, one layer; examples/attention_microbench.py): 48
+decode rows of 40-320 tokens 1.3x faster, and 21 prefill tiles of 8 prompts (32-256 tokens)
+2.9x faster, than every row walking the chunks of the furthest row.
 
 Keys per item and items per iteration (ChunkSizes) depend on the backend. On CPU: 64-key items,
 16 per iteration (64 queries per key in a prefill tile: ~2x faster than 16-key chunks). On a
