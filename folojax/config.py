@@ -131,6 +131,8 @@ class SchedulerConfig:
     max_num_seqs: int = 16  # requests running at once
     max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True  # split prompts longer than the budget over steps
+    # Schedule and dispatch step N+1 before reading step N's tokens back (see LLMEngine.step).
+    async_scheduling: bool = True
 
     def __post_init__(self):
         _check_positive_ints(self, "max_num_seqs", "max_num_batched_tokens")

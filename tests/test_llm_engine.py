@@ -67,6 +67,7 @@ def test_abort_returns_blocks_at_once_and_the_others_finish(tiny_qwen3):
 def test_step_streams_cumulative_outputs_with_metrics(tiny_qwen3):
     engine = make_llm(tiny_qwen3).llm_engine
     engine.add_request("a", [5, 6, 7], GREEDY)
+    assert engine.step() == []  # async scheduling: the first step's token is still in flight
     seen = []
     while engine.has_unfinished_requests():
         [output] = engine.step()
@@ -149,3 +150,58 @@ def test_engine_sampling_features_match_the_functional_generate(tiny_qwen3):
                                                          for step in expected.logprobs[0]]
     for ours, theirs in zip(output.logprobs, expected.logprobs[0], strict=True):
         assert all(abs(ours[t] - theirs[t]) < 1e-4 for t in ours)
+
+
+def test_async_scheduling_changes_no_output(tiny_qwen3, monkeypatch):
+    """Tight pool (preemption, also of requests with a token in flight), small budget (chunks),
+    shared prefixes, n=3, seeded sampling that often stops early on a stop token, and a request
+    with penalties (read back before the next step): the same tokens with and without async
+    scheduling."""
+    from folojax.engine.scheduler import Scheduler
+
+    preempted_in_flight = []
+    preempt = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, request: preempted_in_flight.append(
+        request.num_output_placeholders > 0) or preempt(self, request))
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(3, 300, 24).tolist()
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 40, 17, 9)]
+    prompts += [prefix + [5, 6], prefix + [7], prompts[1]]
+    samplings = [folojax.SamplingParams(temperature=1.0, seed=i, max_tokens=24,
+                                        stop_token_ids=list(range(3, 60)))
+                 for i in range(len(prompts))]
+    samplings[2] = folojax.SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8,
+                                          ignore_eos=True)
+    samplings[3] = folojax.SamplingParams(temperature=0.7, seed=6, max_tokens=8,
+                                          repetition_penalty=1.5, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    results = {}
+    for async_scheduling in (False, True):
+        preempted_in_flight.clear()
+        llm = make_llm(tiny_qwen3, block_size=8, num_kv_blocks=12, max_num_batched_tokens=24,
+                       max_num_seqs=6, async_scheduling=async_scheduling)
+        outputs = llm.generate(requests, samplings, use_tqdm=False)
+        assert llm.llm_engine.kv_cache_manager.pool.num_free_blocks == 12
+        results[async_scheduling] = [[(c.token_ids, c.finish_reason) for c in o.outputs]
+                                     for o in outputs]
+    assert any(preempted_in_flight)  # in the async run
+    assert results[True] == results[False]
+    reasons = [reason for completions in results[True] for _, reason in completions]
+    assert "stop" in reasons and "length" in reasons
+
+
+def test_async_scheduling_dispatches_a_step_before_reading_the_last(tiny_qwen3, monkeypatch):
+    import folojax.engine.llm_engine as llm_engine
+
+    events = []
+    dispatch, read = llm_engine.paged_step, llm_engine.read_sampled
+    monkeypatch.setattr(llm_engine, "paged_step",
+                        lambda *args: events.append("dispatch") or dispatch(*args))
+    monkeypatch.setattr(llm_engine, "read_sampled",
+                        lambda *args: events.append("read") or read(*args))
+    engine = make_llm(tiny_qwen3).llm_engine
+    engine.add_request("a", [5, 6, 7], GREEDY)  # 6 tokens: 6 steps
+    run_to_completion(engine)
+    # Every step but the first is dispatched while the one before it is still unread; nothing
+    # is dispatched for the token after the last.
+    assert events == ["dispatch"] + ["dispatch", "read"] * 5 + ["read"]

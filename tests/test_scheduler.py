@@ -1,10 +1,15 @@
 """The scheduler, with no device: token budget, chunked prefill, decodes beside a long prefill,
-preemption when the pool runs out, abort."""
+preemption when the pool runs out, abort, and async scheduling (a step scheduled while the one
+before it is in flight)."""
+
+import numpy as np
 
 from folojax.config import SchedulerConfig
 from folojax.engine.kv_cache_manager import KVCacheManager
-from folojax.engine.request import RequestStatus
+from folojax.engine.request import Request, RequestStatus
 from folojax.engine.scheduler import Scheduler
+from folojax.engine.sequence import Sequence
+from folojax.sampling_params import SamplingParams
 from tests.test_block_pool import make_request
 
 
@@ -111,3 +116,83 @@ def test_abort_frees_the_blocks_at_once():
     assert scheduler.kv_cache_manager.pool.num_free_blocks == 10
     assert not scheduler.has_unfinished_requests()
     assert scheduler.abort_request("a") is None
+
+
+def feed(scheduler, output, token=7):
+    """Reads one scheduled step's tokens back: `token` for every request that samples."""
+    sampled = {s.request.request_id: (token, None) for s in output.scheduled if s.samples}
+    return scheduler.update(output, sampled, make_children=lambda parent: [])
+
+
+def counts(output) -> dict[str, int]:
+    return {s.request.request_id: s.num_new_tokens for s in output.scheduled}
+
+
+def test_async_scheduling_counts_the_tokens_in_flight():
+    """Step N+1 is scheduled before step N's tokens are read back: the token in flight is a
+    placeholder, and a request whose last token is in flight gets nothing more."""
+    scheduler = make_scheduler()
+    request = make_request("a", [1, 2, 3, 4, 5], max_tokens=3)
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    assert counts(first) == {"a": 5} and request.num_output_placeholders == 1
+    second = scheduler.schedule()  # decodes the token the first step samples
+    assert counts(second) == {"a": 1} and second.scheduled[0].start == 5
+    assert request.num_computed_tokens == 6 and request.num_output_placeholders == 2
+    feed(scheduler, first)
+    assert request.output_token_ids == [7] and request.num_output_placeholders == 1
+    third = scheduler.schedule()
+    feed(scheduler, second)
+    assert counts(third) == {"a": 1}
+    assert scheduler.schedule().scheduled == []  # its third and last token is in flight
+    assert feed(scheduler, third) == [request]
+    assert request.output_token_ids == [7, 7, 7] and request.status == (
+        RequestStatus.FINISHED_LENGTH)
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_async_scheduling_drops_the_token_computed_past_a_stop():
+    scheduler = make_scheduler()
+    sampling = SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[9])
+    request = Request("a", [1, 2, 3], sampling, np.zeros(2, np.uint32),
+                      Sequence([1, 2, 3], sampling, (), 10_000))
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    feed(scheduler, first, token=5)
+    third = scheduler.schedule()  # scheduled before the stop token is seen
+    assert feed(scheduler, second, token=9) == [request]
+    assert feed(scheduler, third, token=6) == []  # its token is dropped
+    assert request.output_token_ids == [5, 9] and request.sequence.finish_reason == "stop"
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_a_request_preempted_with_its_first_token_in_flight_forks_into_the_queue():
+    # 4 blocks of 4 tokens: "b" (4 tokens) and "a" (11 tokens, n=2) fill the pool in step 1.
+    scheduler = make_scheduler(num_blocks=4, block_size=4, budget=16)
+    b = make_request("b", [1, 2, 3, 4], max_tokens=2)
+    a = make_request("a", list(range(11)), max_tokens=2, n=2)
+    scheduler.add_request(b)
+    scheduler.add_request(a)
+    first = scheduler.schedule()
+    assert counts(first) == {"b": 4, "a": 11}
+    # Before step 1 is read back, b needs a block for its first output: a is preempted.
+    second = scheduler.schedule()
+    assert counts(second) == {"b": 1} and second.preempted == [a]
+    assert a.status == RequestStatus.PREEMPTED and a.num_output_placeholders == 1
+    child = make_request("a-child", list(range(11)), max_tokens=2)
+    sampled = {"b": (7, None), "a": (8, None)}
+    scheduler.update(first, sampled, make_children=lambda parent: [child])
+    # a keeps its token; its child waits behind it, to compute the prompt itself.
+    assert a.output_token_ids == [8] and a.num_output_placeholders == 0
+    assert list(scheduler.waiting) == [a, child]
+    in_flight = second
+    for _ in range(20):
+        output = scheduler.schedule()
+        if in_flight is not None:
+            feed(scheduler, in_flight)
+        in_flight = output if output.scheduled else None
+    assert not scheduler.has_unfinished_requests() and in_flight is None
+    assert [r.output_token_ids for r in (b, a, child)] == [[7, 7], [8, 7], [7, 7]]
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 4

@@ -81,11 +81,13 @@ class KVCacheManager:
         self.block_tables[child.request_id] = list(shared)
 
     def cache_blocks(self, request: Request) -> None:
-        """Offers the request's full, computed blocks to the prefix cache."""
+        """Offers the request's full, computed blocks to the prefix cache (those whose tokens are
+        all known: a block holding a token still in flight waits)."""
         if not self.enable_prefix_caching:
             return
         table = self.block_tables.get(request.request_id, [])
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.block_size, len(table))
         start = self._num_hashed_blocks.get(request.request_id, 0)
         hashes = self._block_hashes(request)
         for index in range(start, num_full):

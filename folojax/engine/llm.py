@@ -43,6 +43,8 @@ class LLM:
       max_num_seqs: requests running at once.
       max_num_batched_tokens: tokens computed per step (default 1024, or max_model_len without
         chunked prefill).
+      async_scheduling: schedule and dispatch each step before reading back the previous one's
+        tokens (the same outputs; the host works while the device runs).
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
@@ -50,7 +52,8 @@ class LLM:
                  skip_tokenizer_init: bool = False, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True):
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 async_scheduling: bool = True):
         self.model = load_model(model, dtype, load_tokenizer=not skip_tokenizer_init,
                                 tokenizer=tokenizer)
         config = self.model.config
@@ -65,7 +68,8 @@ class LLM:
             model=config,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill),
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      async_scheduling=async_scheduling),
             max_model_len=max_model_len,
             dtype=np.dtype(self.model.dtype).name,
             kv_cache=kv_cache,

@@ -16,12 +16,13 @@ import jax
 import numpy as np
 
 from folojax.config import EngineConfig
+from folojax.engine.buckets import stepped_bucket
 from folojax.engine.generate import validate_prompt
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
-from folojax.engine.scheduler import Scheduler
+from folojax.engine.scheduler import Scheduler, SchedulerOutput
 from folojax.engine.sequence import Sequence, read_sampled
-from folojax.engine.step_inputs import build_step
+from folojax.engine.step_inputs import ROW_MULTIPLE, StepBatch, build_step
 from folojax.model.paged_step import paged_step
 from folojax.ops.paged_attention import default_chunk_sizes
 from folojax.ops.paged_kv_cache import copy_blocks, init_paged_cache
@@ -42,6 +43,16 @@ class _Group:
     completions: list[Request]
 
 
+@dataclasses.dataclass
+class _StepInFlight:
+    """A dispatched step: what was scheduled, its arrays, and its results (device arrays)."""
+
+    output: SchedulerOutput
+    batch: StepBatch
+    tokens: jax.Array  # [max sampling rows]: sampling rows first
+    logprobs: tuple | None
+
+
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig, seed: int = 0):
         self.model = model
@@ -59,6 +70,10 @@ class LLMEngine:
         self._key_counter = itertools.count()
         self._internal_ids = itertools.count()  # completions' ids: never a caller's id
         self._groups: dict[str, _Group] = {}
+        self._in_flight: _StepInFlight | None = None  # dispatched, tokens not read back yet
+        # A step's tokens come back padded to the most sampling rows a step can have.
+        self._no_tokens = np.zeros(stepped_bucket(config.scheduler.max_num_seqs, ROW_MULTIPLE),
+                                   np.int32)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", cache.num_blocks,
                     cache.block_size, cache.num_tokens)
         if cache.num_tokens < config.max_model_len:
@@ -93,36 +108,69 @@ class LLMEngine:
                 self.scheduler.abort_request(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._groups)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns the (cumulative) output of every request that got a
-        token, finished ones included with finished=True."""
+        """Runs one step; returns the (cumulative) output of every request that got a token,
+        finished ones included with finished=True.
+
+        With async scheduling (the default) a call schedules and dispatches the next step
+        before reading back the tokens of the step before it, so the host builds step N+1
+        while the device runs step N and the device never waits for the host in between: a
+        call returns the outputs of the previous call's step (the first returns none). A
+        request that finishes in step N has computed one more token in step N+1; it is
+        dropped. Penalties need every output token id on the host, so a step that applies them
+        is read back before the next is scheduled."""
+        previous, self._in_flight = self._in_flight, None
+        outputs = []
+        if previous is not None and previous.batch.flags.use_penalties:
+            outputs, previous = self._finish(previous), None
+        current = self._dispatch(previous)
+        if previous is not None:
+            outputs = self._finish(previous)
+        if current is not None and self.config.scheduler.async_scheduling:
+            self._in_flight = current
+        elif current is not None:
+            outputs = self._finish(current)
+        return outputs
+
+    def _dispatch(self, in_flight: _StepInFlight | None) -> _StepInFlight | None:
+        """Schedules a step and dispatches it to the device without waiting for it; None if
+        nothing can be scheduled."""
         output = self.scheduler.schedule()
         if not output.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if in_flight is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no waiting request fits in an empty KV cache pool; "
                                    "add_request should have rejected it")
-            return []
-        block_size = self.config.kv_cache.block_size
+            return None
         if output.block_copies:
             self.cache = copy_blocks(self.cache, *_copy_block_arrays(output.block_copies,
                                                                      self.cache.num_blocks))
         tables = {s.request.request_id: self.kv_cache_manager.block_ids(s.request.request_id)
                   for s in output.scheduled}
-        batch = build_step(output, tables, block_size, self.cache.num_slots,
-                           self.model.config.vocab_size, self._eos_token_ids, self.chunks)
+        in_flight_rows = ({r.request_id: row for row, r in enumerate(in_flight.batch
+                                                                     .sampling_requests)}
+                          if in_flight is not None else None)
+        batch = build_step(output, tables, self.config.kv_cache.block_size, self.cache.num_slots,
+                           self.model.config.vocab_size, self._eos_token_ids, self.chunks,
+                           in_flight_rows)
+        previous_tokens = in_flight.tokens if in_flight is not None else self._no_tokens
         tokens, logprobs, self.cache = paged_step(self.model.params, self.cache, batch.inputs,
-                                                  batch.sampler, self.model.config, batch.flags,
-                                                  self.chunks)
-        requests = batch.sampling_requests
+                                                  batch.sampler, previous_tokens,
+                                                  self.model.config, batch.flags, self.chunks)
+        return _StepInFlight(output, batch, tokens, logprobs)
+
+    def _finish(self, step: _StepInFlight) -> list[RequestOutput]:
+        """Reads a dispatched step's tokens back (waiting for it) and advances its requests."""
+        requests = step.batch.sampling_requests
         sampled = dict(zip((r.request_id for r in requests),
-                           read_sampled(tokens, logprobs, [r.sampling.logprobs for r in requests]),
+                           read_sampled(step.tokens, step.logprobs,
+                                        [r.sampling.logprobs for r in requests]),
                            strict=True))
-        self.scheduler.update(output, sampled, self._fork)
+        self.scheduler.update(step.output, sampled, self._fork)
         group_ids = dict.fromkeys(r.group_id for r in requests)
         return [self._output(group_id) for group_id in group_ids if group_id in self._groups]
 

@@ -29,9 +29,11 @@ class Request:
     """One completion being generated. A request with SamplingParams(n=k) forks k - 1 children
     once its prompt is computed; each child is a Request of its own with n=1.
 
-    The cache holds the first `num_computed_tokens` of `all_token_ids` (prompt + outputs); the
-    scheduler gives each request the tokens it still needs, and a request samples its next token
-    in a step that computes all of them.
+    The cache holds (or a scheduled step will write) the first `num_computed_tokens` of its
+    tokens: `all_token_ids` (prompt + outputs read back so far) followed by
+    `num_output_placeholders` tokens that steps still in flight have sampled. The scheduler gives
+    each request the tokens it still needs, and a request samples its next token in a step that
+    computes all of them.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -46,6 +48,7 @@ class Request:
         self.sequence = sequence
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_output_placeholders = 0  # sampled by steps in flight, not read back yet
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -57,6 +60,17 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
+    def finishes_in_flight(self) -> bool:
+        """Whether the tokens in flight bring it to max_tokens or the cache's room: there is
+        nothing more to schedule for it."""
+        return self.num_output_placeholders > 0 and self.sequence.reaches_length(
+            len(self.output_token_ids) + self.num_output_placeholders)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,11 +1,15 @@
 """The scheduler: one rule for prefill and decode, as in vLLM v1.
 
-Each request has computed `num_computed_tokens` of its `num_tokens` (prompt + outputs). Every step
+Each request has computed `num_computed_tokens` of its tokens (prompt + outputs). Every step
 gives each running request, in admission order, the tokens it still needs (a whole decode token,
 or the next chunk of a prompt) until the token budget is spent, then admits waiting requests while
 the budget, max_num_seqs and the block pool allow. When the pool runs out, the most recently
 admitted running request is preempted: its blocks are freed and it is recomputed later from its
 prompt and the tokens it already produced. The output is plain data; nothing here touches a device.
+
+Scheduling a step counts its tokens as computed at once, and a token it samples as a placeholder,
+so the next step can be scheduled before this one's tokens are read back (async scheduling): a
+decode row then takes its input token from the step in flight. `update` reads the tokens in.
 """
 
 from __future__ import annotations
@@ -23,12 +27,9 @@ from folojax.engine.request import Request, RequestStatus
 @dataclasses.dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # computed this step, from position request.num_computed_tokens on
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes all the request's tokens, so it yields the next one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    num_new_tokens: int  # computed this step, from position `start` on
+    start: int  # the request's num_computed_tokens when it was scheduled
+    samples: bool  # this step computes all its tokens, so it yields the next one
 
 
 @dataclasses.dataclass
@@ -75,7 +76,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.finishes_in_flight:
+                index += 1
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          budget)
             result = self.kv_cache_manager.allocate_slots(request, num_new)
             while result is None:
                 victim = self.running.pop()
@@ -87,7 +92,7 @@ class Scheduler:
             if result is None:
                 break
             copies += result
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(_schedule(request, num_new))
             budget -= num_new
             index += 1
         if not preempted:  # a pool that just ran out admits nobody new
@@ -97,6 +102,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if request.num_output_placeholders:  # preempted with a token in flight
+                break
             if self._num_seqs_after_forks() + 1 + request.num_children_to_fork > (
                     self.config.max_num_seqs):
                 break
@@ -115,7 +122,7 @@ class Scheduler:
                 request.first_scheduled_time = time.perf_counter()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(_schedule(request, num_new))
             budget -= num_new
         return budget
 
@@ -132,30 +139,39 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict | None]],
                make_children: Callable[[Request], list[Request]]) -> list[Request]:
-        """Advances every scheduled request by its computed tokens and appends its sampled token;
-        forks requests whose prompt just completed. Returns the requests that finished."""
+        """Reads a step's sampled tokens in (`sampled`: request id -> (token, logprobs)), offers
+        newly full blocks to the prefix cache, and forks requests whose prompt just completed.
+        Returns the requests that finished. A request that finished or was aborted after the
+        step was scheduled drops its token."""
         finished = []
         for item in output.scheduled:
             request = item.request
-            if request.finished:  # aborted since the step was scheduled
+            if request.finished:
                 continue
-            request.num_computed_tokens += item.num_new_tokens
-            self.kv_cache_manager.cache_blocks(request)
-            if request.request_id not in sampled:
+            if request.status == RequestStatus.RUNNING:
+                self.kv_cache_manager.cache_blocks(request)
+            if not item.samples:
                 continue
+            request.num_output_placeholders -= 1
             if request.num_children_to_fork:
                 self._fork(request, make_children(request))
             request.append_token(*sampled[request.request_id])
-            if request.finished:
-                self.running.remove(request)
+            if request.finished:  # running, or waiting if preempted with its token in flight
+                (self.running if request in self.running else self.waiting).remove(request)
                 self.kv_cache_manager.free(request)
                 finished.append(request)
         return finished
 
     def _fork(self, parent: Request, children: list[Request]) -> None:
         """Children share the parent's prompt blocks; each recomputes the last prompt token
-        (into a copy of its block, if shared) to sample its own first token."""
+        (into a copy of its block, if shared) to sample its own first token. A parent preempted
+        while its first token was in flight has no blocks: its children wait, like it."""
         parent.num_children_to_fork = 0
+        if parent.status != RequestStatus.RUNNING:
+            position = self.waiting.index(parent) + 1
+            for offset, child in enumerate(children):
+                self.waiting.insert(position + offset, child)
+            return
         for child in children:
             child.num_computed_tokens = parent.num_prompt_tokens - 1
             child.num_cached_tokens = parent.num_cached_tokens
@@ -163,3 +179,13 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             self.kv_cache_manager.fork(parent, child, child.num_computed_tokens)
             self.running.append(child)
+
+
+def _schedule(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    """Schedules the request's next tokens; they count as computed from now on, and a token the
+    step samples as a placeholder until it is read back."""
+    start = request.num_computed_tokens
+    samples = start + num_new_tokens == request.num_tokens_with_placeholders
+    request.num_computed_tokens += num_new_tokens
+    request.num_output_placeholders += samples
+    return ScheduledRequest(request, num_new_tokens, start, samples)

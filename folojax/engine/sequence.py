@@ -54,14 +54,16 @@ class Sequence:
             self._finish("stop", token_id, token_id)
         else:
             self._add_text(token_id, may_stop)
-        if not self.finished and sampling.max_tokens is not None and (
-                len(self.token_ids) >= sampling.max_tokens):
-            self._finish("length")
-        if not self.finished and len(self.prompt_token_ids) + len(self.token_ids) >= (
-                self.max_total_len):
+        if not self.finished and self.reaches_length(len(self.token_ids)):
             self._finish("length")
         if self.finished:
             self.finish_time = now
+
+    def reaches_length(self, num_outputs: int) -> bool:
+        """Whether `num_outputs` outputs reach max_tokens or fill the room left in the cache."""
+        max_tokens = self.sampling.max_tokens
+        return ((max_tokens is not None and num_outputs >= max_tokens)
+                or len(self.prompt_token_ids) + num_outputs >= self.max_total_len)
 
     def _add_text(self, token_id: int, may_stop: bool) -> None:
         if self.detokenizer is None:

@@ -42,6 +42,9 @@ def _padded(n: int, minimum: int) -> int:
 @dataclasses.dataclass
 class StepInputs:
     token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill tokens
+    # [tokens]: the sampling row, in the step in flight, of a token not read back yet (it is
+    # taken from there on the device); -1 for the tokens in token_ids.
+    token_sources: np.ndarray
     positions: np.ndarray  # [tokens] (-1 = padding)
     slot_mapping: np.ndarray  # [tokens]: cache slot each token's keys go to (num_slots = drop)
     decode_items: WorkItems  # attention work items of the decode rows
@@ -87,7 +90,10 @@ def prefill_token_bucket(n: int) -> int:
 
 def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
                num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...],
-               chunks: ChunkSizes) -> StepBatch:
+               chunks: ChunkSizes, in_flight_rows: dict[str, int] | None = None) -> StepBatch:
+    """The step's arrays. `in_flight_rows` maps each request that the step in flight samples
+    for to its sampling row there: a token of this step that is not read back yet comes from
+    that row (see StepInputs.token_sources)."""
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
     num_rows = stepped_bucket(len(decodes), ROW_MULTIPLE)
@@ -96,12 +102,16 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.full(num_tokens, -1, np.int32)
     slot_mapping = np.full(num_tokens, num_slots, np.int32)
+    token_sources = np.full(num_tokens, -1, np.int32)
     sample_indices, sampling_requests = [], []
 
     def place(start: int, item: ScheduledRequest) -> None:
-        request, n = item.request, item.num_new_tokens
-        begin = request.num_computed_tokens
-        token_ids[start:start + n] = request.all_token_ids[begin:begin + n]
+        request, n, begin = item.request, item.num_new_tokens, item.start
+        known = request.all_token_ids[begin:begin + n]
+        token_ids[start:start + len(known)] = known
+        if len(known) < n:  # its last token is the one the step in flight samples
+            assert len(known) == n - 1, "only the step in flight has tokens not read back"
+            token_sources[start + n - 1] = in_flight_rows[request.request_id]
         positions[start:start + n] = np.arange(begin, begin + n)
         table = np.asarray(block_tables[request.request_id], np.int32)
         slot_mapping[start:start + n] = (table[positions[start:start + n] // block_size]
@@ -136,7 +146,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sample_indices)] = sample_indices
     inputs = StepInputs(
-        token_ids, positions, slot_mapping,
+        token_ids, token_sources, positions, slot_mapping,
         decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
                                 positions[:len(decodes)], block_size, chunks.decode,
                                 chunks.decode_items),
@@ -184,7 +194,13 @@ def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,
     if requests:
         keys[:len(requests)] = np.stack([r.key_data for r in requests])
     num_generated = np.zeros(num_rows, np.int32)
-    num_generated[:len(requests)] = [len(r.output_token_ids) for r in requests]
+    # The output index each row samples (its key is folded with it): outputs read back, plus
+    # those in flight before this step's own placeholder.
+    num_generated[:len(requests)] = [len(r.output_token_ids) + r.num_output_placeholders - 1
+                                     for r in requests]
+    if any(r.sampling.uses_penalties and r.num_output_placeholders > 1 for r in requests):
+        raise RuntimeError("penalties need every output token on the host: a request that "
+                           "uses them may have no token in flight")
 
     def id_lists(lists: list[list[int]], used: bool) -> np.ndarray:
         width = bucket(max((len(x) for x in lists), default=1), 16) if used else 1

@@ -66,13 +66,23 @@ def _sampler_state(sampler: SamplerInputs, vocab_size: int, flags: SamplerFlags)
 @functools.partial(jax.jit, static_argnames=("config", "flags", "chunks"),
                    donate_argnames=("cache",))
 def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: SamplerInputs,
-               config: ModelConfig, flags: SamplerFlags, chunks: ChunkSizes):
-    """Returns (tokens [sampling rows], logprobs or None, new cache). Donates `cache`."""
+               previous_tokens, config: ModelConfig, flags: SamplerFlags, chunks: ChunkSizes):
+    """Returns (tokens [max rows], logprobs or None, new cache). Donates `cache`.
+
+    previous_tokens [max rows]: the tokens of the step before, which may still be in flight (as
+    this step returns its own: sampling rows first, padded to a fixed width, so the shape never
+    recompiles); a token whose `inputs.token_sources` entry is a row of it is read from there.
+    """
     count_compile("paged_step")
+    inputs = dataclasses.replace(inputs, token_ids=jnp.where(
+        inputs.token_sources >= 0, previous_tokens[jnp.maximum(inputs.token_sources, 0)],
+        inputs.token_ids))
     hidden, cache = paged_hidden(params, config, cache, inputs, chunks)
     logits = lm_head(params, hidden[inputs.sample_indices])
     tensors = dataclasses.replace(sampler.tensors,
                                   keys=jax.random.wrap_key_data(sampler.tensors.keys))
     tokens, logprobs, _ = sample(logits, tensors, _sampler_state(sampler, config.vocab_size,
                                                                  flags), flags)
+    tokens = jnp.zeros_like(previous_tokens).at[:tokens.shape[0]].set(tokens)
     return tokens, logprobs, cache
+
