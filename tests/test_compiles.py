@@ -4,7 +4,7 @@ import jax
 
 import folojax
 from folojax.engine.buckets import stepped_bucket
-from folojax.engine.step_inputs import prefill_token_bucket
+from folojax.engine.step_inputs import prefill_token_bucket, sampling_rows_bucket
 
 
 def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
@@ -26,6 +26,11 @@ def test_stepped_buckets_are_linear_then_geometric():
     assert [stepped_bucket(n, 8) for n in (0, 1, 8, 9, 63, 64, 65, 128, 129, 300)] == [
         0, 8, 8, 16, 64, 64, 128, 128, 256, 512]
     assert [stepped_bucket(n, 128) for n in (1, 1000, 1025, 2049)] == [128, 1024, 2048, 4096]
+
+
+def test_few_sampling_rows_pad_to_powers_of_two_then_to_multiples_of_8():
+    assert [sampling_rows_bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 48, 65)] == [
+        0, 1, 2, 4, 8, 8, 16, 48, 128]
 
 
 def test_short_prefills_pad_to_multiples_of_32_longer_ones_to_128():
