@@ -6,13 +6,16 @@ prefix caching on and off.
 
 Output tokens/s = all requests' output tokens / wall time of the whole run. folojax runs the
 workload once to compile (counted and timed apart) and is then timed; torch needs no warm-up
-beyond one short call.
+beyond one short call. With `--repeats N` the engines take turns, N rounds, and each reports its
+median run: this machine's speed drifts by tens of percent over minutes, which a single run of
+each, minutes apart, mistakes for a difference between engines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,12 +28,13 @@ from folojax.sampling_params import SamplingParams
 @dataclasses.dataclass
 class ThroughputResult:
     name: str
-    seconds: float
+    seconds: float  # the median run's
     num_requests: int
     num_output_tokens: int
     num_prompt_tokens: int
     num_compiles: int | None = None
     compile_seconds: float | None = None
+    run_seconds: list[float] = dataclasses.field(default_factory=list)  # every round's
 
     @property
     def output_tokens_per_second(self) -> float:
@@ -52,27 +56,33 @@ def throughput_workload(vocab_size: int, num_requests: int, min_prompt: int, max
     return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
 
 
-def bench_folojax_throughput(llm: LLM, prompts, max_tokens: int) -> ThroughputResult:
+def folojax_runner(llm: LLM, prompts, max_tokens: int) -> Callable[[], ThroughputResult]:
+    """Runs the workload once to compile; returns a function that times one run."""
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
 
-    def run():
+    def generate():
+        llm.reset_prefix_cache()  # or every prompt would be found cached
         start = time.perf_counter()
         outputs = llm.generate(requests, sampling, use_tqdm=False)
         return outputs, time.perf_counter() - start
 
     compiles_before = num_compiles("paged_step")
-    _, warmup_seconds = run()
+    _, warmup_seconds = generate()
     compiles = num_compiles("paged_step") - compiles_before
-    llm.reset_prefix_cache()  # or the timed run would find every prompt cached
-    outputs, seconds = run()
-    return ThroughputResult(
-        "folojax", seconds, len(prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
-        sum(map(len, prompts)), num_compiles=compiles,
-        compile_seconds=max(warmup_seconds - seconds, 0.0))
+
+    def run() -> ThroughputResult:
+        outputs, seconds = generate()
+        return ThroughputResult(
+            "folojax", seconds, len(prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
+            sum(map(len, prompts)), num_compiles=compiles,
+            compile_seconds=max(warmup_seconds - seconds, 0.0))
+
+    return run
 
 
-def bench_hf_static(model, device: str, prompts, max_tokens: int) -> ThroughputResult:
+def hf_static_runner(model, device: str, prompts,
+                     max_tokens: int) -> Callable[[], ThroughputResult]:
     """All requests in one left-padded batch through `model.generate`."""
     import torch
 
@@ -84,33 +94,54 @@ def bench_hf_static(model, device: str, prompts, max_tokens: int) -> ThroughputR
         mask[row, width - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
 
-    def run(rows: int, num_tokens: int):
+    def generate(rows: int, num_tokens: int):
         with torch.inference_mode():
             return model.generate(ids[:rows], attention_mask=mask[:rows], do_sample=False,
                                   max_new_tokens=num_tokens, min_new_tokens=num_tokens,
                                   pad_token_id=0)
 
-    run(1, 2)  # warm-up
-    start = _synchronized_time(device)
-    out = run(len(prompts), max_tokens)
-    seconds = _synchronized_time(device) - start
-    return ThroughputResult("hf generate", seconds, len(prompts),
-                            (out.shape[1] - width) * len(prompts), sum(map(len, prompts)))
+    generate(1, 2)  # warm-up
+
+    def run() -> ThroughputResult:
+        start = _synchronized_time(device)
+        out = generate(len(prompts), max_tokens)
+        seconds = _synchronized_time(device) - start
+        return ThroughputResult("hf generate", seconds, len(prompts),
+                                (out.shape[1] - width) * len(prompts), sum(map(len, prompts)))
+
+    return run
 
 
-def bench_hf_generate_batch(model, device: str, prompts, max_tokens: int) -> ThroughputResult:
+def hf_generate_batch_runner(model, device: str, prompts,
+                             max_tokens: int) -> Callable[[], ThroughputResult]:
     """transformers' own continuous batching (`generate_batch`)."""
     import transformers
 
     config = transformers.GenerationConfig(max_new_tokens=max_tokens, do_sample=False,
                                            eos_token_id=-1, pad_token_id=0)
     model.generate_batch(prompts[:1], generation_config=config)  # warm-up
-    start = _synchronized_time(device)
-    outputs = model.generate_batch(prompts, generation_config=config)
-    seconds = _synchronized_time(device) - start
-    return ThroughputResult("hf generate_batch", seconds, len(prompts),
-                            sum(len(o.generated_tokens) for o in outputs.values()),
-                            sum(map(len, prompts)))
+
+    def run() -> ThroughputResult:
+        start = _synchronized_time(device)
+        outputs = model.generate_batch(prompts, generation_config=config)
+        seconds = _synchronized_time(device) - start
+        return ThroughputResult("hf generate_batch", seconds, len(prompts),
+                                sum(len(o.generated_tokens) for o in outputs.values()),
+                                sum(map(len, prompts)))
+
+    return run
+
+
+def interleaved_rounds(runners: list[Callable[[], ThroughputResult]],
+                       repeats: int) -> list[ThroughputResult]:
+    """Runs every engine once per round, `repeats` rounds, so that a slow minute of the machine
+    hits all of them; each engine's result is its median run (with every round's seconds)."""
+    rounds = [[run() for run in runners] for _ in range(repeats)]
+    results = []
+    for runs in zip(*rounds, strict=True):
+        median = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+        results.append(dataclasses.replace(median, run_seconds=[r.seconds for r in runs]))
+    return results
 
 
 def _synchronized_time(device: str) -> float:
@@ -144,8 +175,11 @@ def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: in
 def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
                          max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                         prefix_len: int = 1000, compare_hf: bool = False):
+                         prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1):
     from folojax.weights.loader import resolve_dtype
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
 
     max_model_len = max(max_prompt, prefix_len + 24) + max_tokens
 
@@ -157,28 +191,34 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
     llm = make_llm()
     vocab_size = llm.model.config.vocab_size
     prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
-    results = [bench_folojax_throughput(llm, prompts, max_tokens)]
-    del llm
-    prefix = bench_prefix_ttft(make_llm, vocab_size, prefix_len) if prefix_len else None
+    runners = [folojax_runner(llm, prompts, max_tokens)]
     if compare_hf:
         model, device = load_torch_model(model_path, np.dtype(resolve_dtype(dtype)).name)
-        results.append(bench_hf_static(model, device, prompts, max_tokens))
-        results.append(bench_hf_generate_batch(model, device, prompts, max_tokens))
+        runners.append(hf_static_runner(model, device, prompts, max_tokens))
+        runners.append(hf_generate_batch_runner(model, device, prompts, max_tokens))
+    results = interleaved_rounds(runners, repeats)
+    del llm, runners
+    prefix = bench_prefix_ttft(make_llm, vocab_size, prefix_len) if prefix_len else None
     return results, prefix
 
 
 def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | None) -> str:
-    lines = [f"{'engine':<20}{'seconds':>9}{'output tok/s':>14}{'compile s':>11}{'compiles':>10}"]
+    lines = [f"{'engine':<20}{'seconds':>9}{'output tok/s':>14}{'compile s':>11}{'compiles':>10}"
+             "  seconds per round"]
     for r in results:
         compile_s = f"{r.compile_seconds:.1f}" if r.compile_seconds is not None else "-"
         compiles = str(r.num_compiles) if r.num_compiles is not None else "-"
+        rounds = " ".join(f"{seconds:.2f}" for seconds in r.run_seconds)
         lines.append(f"{r.name:<20}{r.seconds:>9.2f}{r.output_tokens_per_second:>14.1f}"
-                     f"{compile_s:>11}{compiles:>10}")
+                     f"{compile_s:>11}{compiles:>10}  {rounds}")
     if len(results) > 1:
         ours, references = results[0], results[1:]
         best = max(references, key=lambda r: r.output_tokens_per_second)
+        per_round = " ".join(f"x{theirs / mine:.2f}" for mine, theirs in zip(
+            ours.run_seconds, best.run_seconds, strict=True))
         lines.append(f"folojax / best transformers path ({best.name}): output tok/s x"
-                     f"{ours.output_tokens_per_second / best.output_tokens_per_second:.2f}")
+                     f"{ours.output_tokens_per_second / best.output_tokens_per_second:.2f} "
+                     f"(medians; per round: {per_round})")
     if prefix is not None:
         lines.append(f"shared {prefix.prefix_len}-token prefix: TTFT {prefix.ttft_cached * 1e3:.1f}"
                      f" ms with prefix caching ({prefix.num_cached_tokens} tokens cached) vs "

@@ -46,10 +46,11 @@ def _bench_throughput(args) -> int:
     results, prefix = run_throughput_bench(
         args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
         args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
-        args.compare_hf)
+        args.compare_hf, args.repeats)
     print(f"model={args.model} dtype={args.dtype} requests={args.num_requests} "
           f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
-          f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens}")
+          f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
+          f"rounds={args.repeats}")
     print(format_throughput(results, prefix))
     return 0
 
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--max-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="timed runs (medians reported); with --throughput, rounds in which "
+                            "the engines take turns")
     bench.add_argument("--compare-hf", action="store_true",
                        help="also run transformers+torch on the same workload")
     bench.add_argument("--throughput", action="store_true",

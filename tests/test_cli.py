@@ -47,13 +47,18 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
 
     results, prefix = run_throughput_bench(
         tiny_qwen3.path, "float32", num_requests=6, min_prompt=4, max_prompt=40, max_tokens=5,
-        max_num_seqs=4, max_num_batched_tokens=64, prefix_len=100, compare_hf=True)
+        max_num_seqs=4, max_num_batched_tokens=64, prefix_len=100, compare_hf=True, repeats=3)
     assert [r.name for r in results] == ["folojax", "hf generate", "hf generate_batch"]
     assert [r.num_output_tokens for r in results] == [30, 30, 30]
     assert results[0].num_compiles > 0
+    for result in results:  # three interleaved rounds; each engine reports its median one
+        assert len(result.run_seconds) == 3
+        assert result.seconds == sorted(result.run_seconds)[1]
     assert prefix.num_cached_tokens == 96  # 6 full blocks of the 100-token prefix
     assert main(["bench", "--throughput", "--model", tiny_qwen3.path, "--num-requests", "3",
                  "--min-prompt-len", "4", "--max-prompt-len", "8", "--max-tokens", "3",
-                 "--prefix-len", "0", "--dtype", "float32"]) == 0
+                 "--prefix-len", "0", "--dtype", "float32", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert "requests=3" in out and "output tok/s" in out
+    assert "requests=3" in out and "rounds=2" in out and "output tok/s" in out
+    with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
+        run_throughput_bench(tiny_qwen3.path, "float32", repeats=0)
