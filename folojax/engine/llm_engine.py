@@ -16,13 +16,12 @@ import jax
 import numpy as np
 
 from folojax.config import EngineConfig
-from folojax.engine.buckets import stepped_bucket
 from folojax.engine.generate import validate_prompt
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
 from folojax.engine.scheduler import Scheduler, SchedulerOutput
 from folojax.engine.sequence import Sequence, read_sampled
-from folojax.engine.step_inputs import ROW_MULTIPLE, StepBatch, build_step
+from folojax.engine.step_inputs import StepBatch, build_step, sampling_rows_bucket
 from folojax.model.paged_step import paged_step
 from folojax.ops.paged_attention import default_chunk_sizes
 from folojax.ops.paged_kv_cache import copy_blocks, init_paged_cache
@@ -72,8 +71,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._in_flight: _StepInFlight | None = None  # dispatched, tokens not read back yet
         # A step's tokens come back padded to the most sampling rows a step can have.
-        self._no_tokens = np.zeros(stepped_bucket(config.scheduler.max_num_seqs, ROW_MULTIPLE),
-                                   np.int32)
+        self._no_tokens = np.zeros(sampling_rows_bucket(config.scheduler.max_num_seqs), np.int32)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", cache.num_blocks,
                     cache.block_size, cache.num_tokens)
         if cache.num_tokens < config.max_model_len:

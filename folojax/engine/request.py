@@ -63,7 +63,7 @@ class Request:
 
     @property
     def num_tokens_with_placeholders(self) -> int:
-        return len(self.all_token_ids) + self.num_output_placeholders
+        return self.num_tokens + self.num_output_placeholders
 
     @property
     def finishes_in_flight(self) -> bool:

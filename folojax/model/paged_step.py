@@ -85,4 +85,3 @@ def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: Sampler
                                                                  flags), flags)
     tokens = jnp.zeros_like(previous_tokens).at[:tokens.shape[0]].set(tokens)
     return tokens, logprobs, cache
-
