@@ -47,7 +47,7 @@ def compare(label, q, positions, tables, keys_per_item, items_per_iteration, k_c
 def main():
     rng = np.random.default_rng(0)
     chunks = default_chunk_sizes()
-    shape = (KV_HEADS, NUM_BLOCKS, BLOCK, HEAD_DIM)
+    shape = (NUM_BLOCKS, KV_HEADS, BLOCK, HEAD_DIM)
     k_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
     v_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
     free = list(rng.permutation(NUM_BLOCKS))

@@ -22,13 +22,13 @@ def reference(q, keys, values, length):
 
 def random_pool(rng, lengths):
     """A cache pool and one shuffled block table per row; also each row's keys in order."""
-    k_cache = rng.standard_normal((KV_HEADS, NUM_BLOCKS, BLOCK, HEAD_DIM)).astype(np.float32)
+    k_cache = rng.standard_normal((NUM_BLOCKS, KV_HEADS, BLOCK, HEAD_DIM)).astype(np.float32)
     v_cache = rng.standard_normal(k_cache.shape).astype(np.float32)
     free = list(rng.permutation(NUM_BLOCKS))
     tables = [[int(free.pop()) for _ in range(-(-n // BLOCK))] for n in lengths]
 
     def row_keys(cache, table):
-        return cache[:, table].transpose(1, 2, 0, 3).reshape(-1, KV_HEADS, HEAD_DIM)
+        return cache[table].transpose(0, 2, 1, 3).reshape(-1, KV_HEADS, HEAD_DIM)
 
     return k_cache, v_cache, tables, row_keys
 

@@ -65,7 +65,7 @@ def chunk_blocks(block_size: int, chunk_tokens: int) -> int:
 
 def paged_attention(
     q: jax.Array,  # [rows, q_len, num_heads, head_dim]: a decode row (q_len 1) or prefill tile
-    k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    k_cache: jax.Array,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache: jax.Array,
     items: WorkItems,
     query_positions: jax.Array,  # [rows, q_len] (-1 = padding)
@@ -76,17 +76,18 @@ def paged_attention(
     padding to the longest, and a prefill tile reads only the chunks its causal mask reaches.
     Each item's softmax partials (max, sum, weighted values) are merged per row at the end."""
     rows, q_len, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[0], k_cache.shape[2]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     groups = num_heads // num_kv_heads
-    num_items, item_keys = items.blocks.shape[0], items.blocks.shape[1] * block_size
+    num_items, blocks_per_item = items.blocks.shape
+    item_keys = blocks_per_item * block_size
     if rows == 0:
         return jnp.zeros(q.shape, v_cache.dtype)
-    # Queries as [kv_heads, rows, (group, query), head_dim]: the batch dims of both matmuls
-    # lead, as in the gathered keys, so XLA copies nothing into place.
+    # Queries as [rows, kv_heads, (group, query), head_dim]: a KV head's queries side by side.
     q = q.reshape(rows, q_len, num_kv_heads, groups, head_dim).astype(jnp.float32)
-    q = (q * head_dim**-0.5).transpose(2, 0, 3, 1, 4).reshape(
-        num_kv_heads, rows, groups * q_len, head_dim)
+    q = (q * head_dim**-0.5).transpose(0, 2, 3, 1, 4).reshape(
+        rows, num_kv_heads, groups * q_len, head_dim)
     positions = jnp.tile(query_positions, (1, groups))  # [rows, (group, query)]
+    queries = groups * q_len
 
     def attend_items(index, partials):
         def this(array):
@@ -94,35 +95,35 @@ def paged_attention(
                                                 items_per_iteration)
 
         item_rows = this(items.rows)
-        shape = (num_kv_heads, items_per_iteration, item_keys, head_dim)
         blocks = this(items.blocks)
-        k = jnp.take(k_cache, blocks, axis=1, mode="clip").reshape(shape)
-        v = jnp.take(v_cache, blocks, axis=1, mode="clip").reshape(shape)
-        scores = jnp.einsum("hiqd,hikd->hiqk", jnp.take(q, item_rows, axis=1), k,
-                            preferred_element_type=jnp.float32)
+        # [items, blocks per item, kv_heads, block_size, head_dim]: one slab per block.
+        k = jnp.take(k_cache, blocks, axis=0, mode="clip")
+        v = jnp.take(v_cache, blocks, axis=0, mode="clip")
+        scores = jnp.einsum("ihqd,ibhkd->ihqbk", jnp.take(q, item_rows, axis=0), k,
+                            preferred_element_type=jnp.float32).reshape(
+            items_per_iteration, num_kv_heads, queries, item_keys)
         key_positions = this(items.starts)[:, None] + jnp.arange(item_keys)  # [items, keys]
-        visible = key_positions[:, None, :] <= positions[item_rows][:, :, None]
-        scores = jnp.where(visible[None], scores, _MASKED)
+        visible = (key_positions[:, None, :] <= positions[item_rows][:, :, None])[:, None]
+        scores = jnp.where(visible, scores, _MASKED)
         maxima = scores.max(axis=-1)
-        probs = jnp.where(visible[None], jnp.exp(scores - maxima[..., None]), 0.0)
-        values = jnp.einsum("hiqk,hikd->hiqd", probs.astype(v.dtype), v,
-                            preferred_element_type=jnp.float32)
+        probs = jnp.where(visible, jnp.exp(scores - maxima[..., None]), 0.0)
+        values = jnp.einsum("ihqbk,ibhkd->ihqd", probs.astype(v.dtype).reshape(
+            items_per_iteration, num_kv_heads, queries, blocks_per_item, block_size), v,
+            preferred_element_type=jnp.float32)
         start = index * items_per_iteration
-        return tuple(jax.lax.dynamic_update_slice_in_dim(whole, part, start, axis=1)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(whole, part, start, axis=0)
                      for whole, part in zip(partials, (maxima, probs.sum(axis=-1), values),
                                             strict=True))
 
-    shape = (num_kv_heads, num_items, groups * q_len)
+    shape = (num_items, num_kv_heads, queries)
     init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
     maxima, sums, values = jax.lax.fori_loop(0, items.num_iterations, attend_items, init)
     # Merge each row's items, weighted by exp(item max - row max); masked keys add nothing.
-    row_max = jax.ops.segment_max(maxima.transpose(1, 0, 2), items.rows, num_segments=rows)
-    weights = jnp.exp(maxima - row_max.transpose(1, 0, 2)[:, items.rows])
-    denominator = jax.ops.segment_sum((sums * weights).transpose(1, 0, 2), items.rows,
-                                      num_segments=rows)
-    numerator = jax.ops.segment_sum((values * weights[..., None]).transpose(1, 0, 2, 3),
-                                    items.rows, num_segments=rows)
+    row_max = jax.ops.segment_max(maxima, items.rows, num_segments=rows)
+    weights = jnp.exp(maxima - row_max[items.rows])
+    denominator = jax.ops.segment_sum(sums * weights, items.rows, num_segments=rows)
+    numerator = jax.ops.segment_sum(values * weights[..., None], items.rows, num_segments=rows)
     out = numerator / jnp.maximum(denominator, 1e-30)[..., None]  # rows without items: 0
     out = out.reshape(rows, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(rows, q_len, num_heads, head_dim).astype(v_cache.dtype)
