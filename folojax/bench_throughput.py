@@ -1,8 +1,8 @@
 """`folojax bench --throughput`: many requests of mixed prompt lengths through the engine, and
 (--compare-hf) through transformers+torch on the same model and workload in the same run: its
 static padded `generate` (all requests in one left-padded batch) and its continuous-batching
-`generate_batch`. Also the TTFT of a request whose long prefix another request computed, with
-prefix caching on and off.
+`generate_batch`. Also the median TTFT of requests whose long prefix an earlier request computed,
+with prefix caching on and off.
 
 Output tokens/s = all requests' output tokens / wall time of the whole run. folojax runs the
 workload once to compile (counted and timed apart) and is then timed; torch needs no warm-up
@@ -43,10 +43,12 @@ class ThroughputResult:
 
 @dataclasses.dataclass
 class PrefixResult:
-    ttft_cached: float
+    ttft_cached: float  # medians over the measured requests
     ttft_uncached: float
-    num_cached_tokens: int
+    num_cached_tokens: int  # the fewest of any measured request, with caching on
     prefix_len: int
+    ttfts_cached: list[float] = dataclasses.field(default_factory=list)  # every measured one's
+    ttfts_uncached: list[float] = dataclasses.field(default_factory=list)
 
 
 def throughput_workload(vocab_size: int, num_requests: int, min_prompt: int, max_prompt: int,
@@ -153,23 +155,27 @@ def _synchronized_time(device: str) -> float:
 
 
 def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: int = 24,
-                      max_tokens: int = 8) -> PrefixResult:
-    """TTFT of the third request sharing a long prefix, with prefix caching on and off (the
-    first computes the prefix, the second compiles the shapes the third uses)."""
+                      max_tokens: int = 8, num_measured: int = 5) -> PrefixResult:
+    """TTFT of requests sharing a long prefix, one after another, with prefix caching on and
+    off: the median over `num_measured` of them, after two (the first computes the prefix, the
+    second compiles the shapes the others use). One request's TTFT is a single ~0.1 s step,
+    which this machine's drift can stretch by tens of percent; the median is steadier."""
     rng = np.random.default_rng(1)
     prefix = rng.integers(0, vocab_size, prefix_len).tolist()
-    prompts = [prefix + rng.integers(0, vocab_size, suffix_len).tolist() for _ in range(3)]
+    prompts = [prefix + rng.integers(0, vocab_size, suffix_len).tolist()
+               for _ in range(2 + num_measured)]
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     results = []
     for caching in (True, False):
         llm = make_llm(enable_prefix_caching=caching)
-        for prompt in prompts:
-            [output] = llm.generate({"prompt_token_ids": prompt}, sampling, use_tqdm=False)
-        results.append(output)
+        outputs = [llm.generate({"prompt_token_ids": prompt}, sampling, use_tqdm=False)[0]
+                   for prompt in prompts]
+        results.append(outputs[2:])
         del llm
-    cached, uncached = results
-    return PrefixResult(cached.metrics.ttft, uncached.metrics.ttft, cached.num_cached_tokens,
-                        prefix_len)
+    cached, uncached = ([o.metrics.ttft for o in outputs] for outputs in results)
+    return PrefixResult(float(np.median(cached)), float(np.median(uncached)),
+                        min(o.num_cached_tokens for o in results[0]), prefix_len, cached,
+                        uncached)
 
 
 def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
@@ -220,8 +226,10 @@ def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | No
                      f"{ours.output_tokens_per_second / best.output_tokens_per_second:.2f} "
                      f"(medians; per round: {per_round})")
     if prefix is not None:
-        lines.append(f"shared {prefix.prefix_len}-token prefix: TTFT {prefix.ttft_cached * 1e3:.1f}"
-                     f" ms with prefix caching ({prefix.num_cached_tokens} tokens cached) vs "
+        lines.append(f"shared {prefix.prefix_len}-token prefix, median TTFT of "
+                     f"{len(prefix.ttfts_cached)} later requests: "
+                     f"{prefix.ttft_cached * 1e3:.1f} ms with prefix caching "
+                     f"({prefix.num_cached_tokens} tokens cached) vs "
                      f"{prefix.ttft_uncached * 1e3:.1f} ms without: x"
                      f"{prefix.ttft_uncached / prefix.ttft_cached:.1f}")
     return "\n".join(lines)

@@ -55,6 +55,8 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
         assert len(result.run_seconds) == 3
         assert result.seconds == sorted(result.run_seconds)[1]
     assert prefix.num_cached_tokens == 96  # 6 full blocks of the 100-token prefix
+    assert len(prefix.ttfts_cached) == len(prefix.ttfts_uncached) == 5
+    assert prefix.ttft_cached == sorted(prefix.ttfts_cached)[2]
     assert main(["bench", "--throughput", "--model", tiny_qwen3.path, "--num-requests", "3",
                  "--min-prompt-len", "4", "--max-prompt-len", "8", "--max-tokens", "3",
                  "--prefix-len", "0", "--dtype", "float32", "--repeats", "2"]) == 0
