@@ -18,8 +18,9 @@ def _generate(args) -> int:
     output, metrics = outputs[0].outputs[0], outputs[0].metrics
     print(output.text if args.chat else args.prompt + output.text)
     print(f"\n[{len(output.token_ids)} tokens, finish_reason={output.finish_reason}] "
-          f"TTFT {metrics.ttft * 1e3:.1f} ms (first call includes XLA compilation), "
-          f"TPOT {metrics.tpot * 1e3:.2f} ms, {metrics.tokens_per_second:.1f} tokens/s",
+          f"TTFT {metrics.ttft * 1e3:.1f} ms, TPOT {metrics.tpot * 1e3:.2f} ms, "
+          f"{metrics.tokens_per_second:.1f} tokens/s (a first call: these include XLA compiling "
+          "the prefill and decode steps; `folojax bench` times warm runs)",
           file=sys.stderr)
     return 0
 
