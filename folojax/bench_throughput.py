@@ -172,7 +172,7 @@ def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: in
                    for prompt in prompts]
         results.append(outputs[2:])
         del llm
-    cached, uncached = ([o.metrics.ttft for o in outputs] for outputs in results)
+    cached, uncached = ([o.metrics.ttft for o in measured] for measured in results)
     return PrefixResult(float(np.median(cached)), float(np.median(uncached)),
                         min(o.num_cached_tokens for o in results[0]), prefix_len, cached,
                         uncached)

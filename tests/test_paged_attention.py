@@ -6,6 +6,7 @@ import pytest
 
 from folojax.engine.step_inputs import work_items
 from folojax.ops.paged_attention import ChunkSizes, paged_attention
+from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks, write_slots
 
 KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 3, 8, 4, 256
 CPU, GPU = ChunkSizes(64, 16, 64, 16), ChunkSizes(512, 256, 512, 128)
@@ -79,3 +80,25 @@ def test_prefill_tiles_are_causal_over_their_request_blocks(chunk, items_per_ite
             expected = reference(q[row, i], row_keys(k_cache, table), row_keys(v_cache, table),
                                  position + 1)
             np.testing.assert_allclose(out[row, i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_write_slots_and_copy_blocks_address_whole_blocks():
+    shape = (6, KV_HEADS, BLOCK, HEAD_DIM)  # [num_blocks, kv_heads, block_size, head_dim]
+    cache = PagedKVCache(k=[jnp.zeros(shape) for _ in range(2)],  # 2 layers
+                         v=[jnp.zeros(shape) for _ in range(2)])
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((3, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    v = rng.standard_normal(k.shape).astype(np.float32)
+    slots = np.array([2 * BLOCK + 1, 5 * BLOCK + BLOCK - 1, cache.num_slots], np.int32)  # + padding
+    cache = write_slots(cache, 1, jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots))
+    expected_k, expected_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    expected_k[2, :, 1], expected_k[5, :, BLOCK - 1] = k[0], k[1]
+    expected_v[2, :, 1], expected_v[5, :, BLOCK - 1] = v[0], v[1]
+    np.testing.assert_array_equal(cache.k[1], expected_k)  # the padding token was dropped
+    np.testing.assert_array_equal(cache.v[1], expected_v)
+    np.testing.assert_array_equal(cache.k[0], 0)  # other layers untouched
+    # Block 2 -> 0, and a padding copy (destination out of range) that changes nothing.
+    cache = copy_blocks(cache, jnp.array([2, 2], jnp.int32), jnp.array([0, 6], jnp.int32))
+    expected_k[0], expected_v[0] = expected_k[2], expected_v[2]
+    np.testing.assert_array_equal(cache.k[1], expected_k)
+    np.testing.assert_array_equal(cache.v[1], expected_v)

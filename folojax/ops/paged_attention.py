@@ -11,7 +11,7 @@ loop body keeps each iteration's keys in the caches; XLA's CPU backend also fuse
 the following dot far less well outside a loop body.
 
 Measured on this CPU (Qwen3-small shapes, one layer; examples/attention_microbench.py): 48
-decode rows of 40-320 tokens 1.3x faster, and 21 prefill tiles of 8 prompts (32-256 tokens)
+decode rows of 40-320 tokens 1.2-1.3x faster, and 21 prefill tiles of 8 prompts (32-256 tokens)
 2.9x faster, than every row walking the chunks of the furthest row.
 
 Keys per item and items per iteration (ChunkSizes) depend on the backend. On CPU: 64-key items,
