@@ -7,7 +7,7 @@ import pytest
 
 import folojax
 from folojax.engine.sampling_inputs import build_sampler_inputs
-from folojax.ops.sampling import apply_min_p, apply_penalties, apply_top_k_top_p, sample
+from folojax.ops.sampling import apply_min_p, apply_penalties, apply_top_k_top_p, argmax, sample
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))  # probabilities, unsorted
 
@@ -79,6 +79,23 @@ def test_greedy_rows_take_argmax_in_a_mixed_batch():
     tokens, _, new_state = sample(logits, tensors, state, flags)
     assert int(tokens[0]) == 1
     assert np.asarray(new_state.num_generated).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("vocab", [151936, 320, 4100, 1000, 4097])
+def test_argmax_is_jnp_argmax_first_index_of_ties_included(vocab):
+    # 151936 and 320 go by 128- and 64-wide slices; 4100 by 4 (plain argmax), as 1000 and 4097.
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((7, vocab)).astype(np.float32)
+    logits[1, [0, vocab - 1]] = 9.0  # a tie across slices: the first wins
+    logits[2, [vocab // 2, vocab // 2 + 1]] = 9.0  # a tie inside a slice
+    logits[3, -1] = 9.0  # the very last token
+    logits[4] = -np.inf  # nothing finite: index 0, as jnp.argmax
+    logits[5] = 1.0  # all equal
+    logits[6, :vocab // 2] = -np.inf
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    assert got.tolist() == np.asarray(jnp.argmax(logits, axis=-1)).tolist()
+    assert got[1:4].tolist() == [0, vocab // 2, vocab - 1]
 
 
 def test_penalties_follow_vllm_rules():

@@ -6,6 +6,7 @@ position, so a seeded row draws the same tokens whatever else is in the batch.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,25 @@ class SamplerFlags:
     use_penalties: bool = False
     use_min_tokens: bool = False
     num_logprobs: int | None = None  # top-N logprobs to return; None = none
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis of [batch, vocab] (the first index of the maximum), in int32.
+
+    Done as the maximum of each 128-wide slice of the vocab, the argmax over those maxima, then the
+    argmax inside the winning slice: XLA's CPU backend runs the first as a vectorized reduction
+    and jnp.argmax's paired (value, index) reduction as a scalar loop (48 rows of Qwen3's
+    151,936 logits: ~1.4 ms against ~4 ms). One difference: where a row holds NaN, XLA's CPU max
+    skips it, so the row's largest number wins instead of the NaN.
+    """
+    batch, vocab = logits.shape
+    width = math.gcd(vocab, 128)  # slices must tile the vocab: padding would copy the logits
+    if width < 16:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    slices = logits.reshape(batch, vocab // width, width)
+    best_slice = jnp.argmax(slices.max(axis=-1), axis=-1)
+    within = jnp.take_along_axis(slices, best_slice[:, None, None], axis=1)[:, 0]
+    return (best_slice * width + jnp.argmax(within, axis=-1)).astype(jnp.int32)
 
 
 def apply_penalties(logits, state: SamplerState, params: SamplingTensors):
@@ -104,7 +124,7 @@ def sample(logits, params: SamplingTensors, state: SamplerState, flags: SamplerF
     if flags.use_min_tokens:
         banned = state.stop_token_mask & (state.num_generated < params.min_tokens)[:, None]
         logits = jnp.where(banned, _NEG_INF, logits)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = argmax(logits)
     if not flags.all_greedy:
         temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
         scaled = logits / temperature[:, None]
@@ -114,7 +134,7 @@ def sample(logits, params: SamplingTensors, state: SamplerState, flags: SamplerF
             scaled = apply_min_p(scaled, params.min_p)
         step_keys = jax.vmap(jax.random.fold_in)(params.keys, state.num_generated)
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(step_keys)
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        sampled = argmax(scaled + gumbel)
         tokens = jnp.where(params.temperature > 0, sampled, tokens)
     if flags.num_logprobs is not None:
         chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
