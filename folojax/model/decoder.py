@@ -52,28 +52,39 @@ def project_qkv(x, layer, config: ModelConfig, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, cache):
+def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, cache, keep=None):
     """Runs every layer over token_ids [batch, seq] at `positions` [batch, seq]; returns the
     final-normed hidden states [batch, seq, hidden] and the cache.
 
     `attend(layer_index, q, k, v, cache) -> (out [batch, seq, heads, head_dim], cache)` stores
     the new keys and values wherever its cache keeps them and attends: the one place the
     contiguous and the paged caches differ.
+
+    keep [batch, n] (optional): the only tokens (indices along seq) whose hidden states are
+    wanted, e.g. those that get logits; then [batch, n, hidden] is returned, and the last layer
+    runs its output projection and MLP for those tokens alone (every token's keys and values
+    are still written). A prefill chunk samples from one token at most, so the rest of the
+    chunk skips the last layer's output projection and MLP.
     """
     x = params["embed"][token_ids]
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
+    last = len(params["layers"]) - 1
     for layer_index, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(h, layer, config, cos, sin)
         out, cache = attend(layer_index, q, k, v, cache)
-        x = x + linear(out.reshape(*out.shape[:2], -1), layer["o_proj"])
+        if keep is not None and layer_index == last:
+            x, out = (jnp.take_along_axis(a, keep.reshape(*keep.shape, *[1] * (a.ndim - 2)),
+                                          axis=1) for a in (x, out))
+        x = x + linear(out.reshape(*out.shape[:2], out.shape[2] * out.shape[3]), layer["o_proj"])
         x = x + swiglu_mlp(rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps), layer)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 
 
 def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_lengths,
-                   cache: KVCache | None = None, kv_len: int = 0):
-    """The decoder over a contiguous cache (or none): [batch, seq] in, hidden states out.
+                   cache: KVCache | None = None, kv_len: int = 0, keep=None):
+    """The decoder over a contiguous cache (or none): [batch, seq] in, hidden states out (of
+    the `keep` tokens alone, if given: see decoder_layers).
 
     Without a cache the queries attend to this call's own keys; with one, the new keys are
     written at `positions` and the queries attend to the cache's first `kv_len` positions.
@@ -88,7 +99,7 @@ def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_
             keys, values = read_layer(cache, layer_index, kv_len)
         return causal_attention(q, keys, values, positions, kv_lengths), cache
 
-    return decoder_layers(params, config, token_ids, positions, attend, cache)
+    return decoder_layers(params, config, token_ids, positions, attend, cache, keep)
 
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:
@@ -128,12 +139,11 @@ def cached_step(params, cache: KVCache, token_ids, num_tokens, config: ModelConf
     positions = cache.lengths[:, None] + offsets
     valid = offsets < num_tokens[:, None]
     kv_lengths = cache.lengths + num_tokens
-    hidden, cache = decoder_hidden(params, config, token_ids, positions, valid, kv_lengths,
-                                   cache, kv_len)
     last = jnp.maximum(num_tokens - 1, 0)
-    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    hidden, cache = decoder_hidden(params, config, token_ids, positions, valid, kv_lengths,
+                                   cache, kv_len, keep=last[:, None])
     cache = dataclasses.replace(cache, lengths=kv_lengths)
-    return lm_head(params, last_hidden), cache
+    return lm_head(params, hidden[:, 0]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "kv_len"), donate_argnames=("cache",))

@@ -18,7 +18,8 @@ from folojax.ops.sampling import SamplerFlags, SamplerState, sample
 
 def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs,
                  chunks: ChunkSizes):
-    """Final hidden states [tokens, hidden] of the step's flat tokens, and the updated cache."""
+    """Final hidden states [sampling rows, hidden] of the tokens that get logits
+    (inputs.sample_indices), and the cache with every token's keys and values written."""
     num_rows = inputs.num_decode_rows
 
     def attend(layer_index, q, k, v, cache):
@@ -39,7 +40,8 @@ def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepI
         return out[None], cache
 
     hidden, cache = decoder_layers(params, config, inputs.token_ids[None],
-                                   inputs.positions[None], attend, cache)
+                                   inputs.positions[None], attend, cache,
+                                   keep=inputs.sample_indices[None])
     return hidden[0], cache
 
 
@@ -78,7 +80,7 @@ def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: Sampler
         inputs.token_sources >= 0, previous_tokens[jnp.maximum(inputs.token_sources, 0)],
         inputs.token_ids))
     hidden, cache = paged_hidden(params, config, cache, inputs, chunks)
-    logits = lm_head(params, hidden[inputs.sample_indices])
+    logits = lm_head(params, hidden)
     tensors = dataclasses.replace(sampler.tensors,
                                   keys=jax.random.wrap_key_data(sampler.tensors.keys))
     tokens, logprobs, _ = sample(logits, tensors, _sampler_state(sampler, config.vocab_size,
