@@ -56,11 +56,12 @@ class SamplerFlags:
 def argmax(logits: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis of [batch, vocab] (the first index of the maximum), in int32.
 
-    Done as the maximum of each 128-wide slice of the vocab, the argmax over those maxima, then the
-    argmax inside the winning slice: XLA's CPU backend runs the first as a vectorized reduction
-    and jnp.argmax's paired (value, index) reduction as a scalar loop (48 rows of Qwen3's
-    151,936 logits: ~1.4 ms against ~4 ms). One difference: where a row holds NaN, XLA's CPU max
-    skips it, so the row's largest number wins instead of the NaN.
+    Done as the maximum of each slice of the vocab (128 wide, or the largest power of two that
+    divides the vocab), the argmax over those maxima, then the argmax inside the winning slice:
+    XLA's CPU backend runs the first as a vectorized reduction and jnp.argmax's paired (value,
+    index) reduction as a scalar loop (48 rows of Qwen3's 151,936 logits: ~1.4 ms against ~4 ms).
+    One difference: XLA's CPU max skips NaN, so for a row holding NaN the result can differ from
+    jnp.argmax's first NaN.
     """
     batch, vocab = logits.shape
     width = math.gcd(vocab, 128)  # slices must tile the vocab: padding would copy the logits
