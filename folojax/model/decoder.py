@@ -73,10 +73,10 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
         h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(h, layer, config, cos, sin)
         out, cache = attend(layer_index, q, k, v, cache)
+        out = out.reshape(*out.shape[:2], out.shape[2] * out.shape[3])  # [batch, seq, heads*dim]
         if keep is not None and layer_index == last:
-            x, out = (jnp.take_along_axis(a, keep.reshape(*keep.shape, *[1] * (a.ndim - 2)),
-                                          axis=1) for a in (x, out))
-        x = x + linear(out.reshape(*out.shape[:2], out.shape[2] * out.shape[3]), layer["o_proj"])
+            x, out = (jnp.take_along_axis(a, keep[..., None], axis=1) for a in (x, out))
+        x = x + linear(out, layer["o_proj"])
         x = x + swiglu_mlp(rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps), layer)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 
