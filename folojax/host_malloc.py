@@ -6,8 +6,8 @@ On CPU, every engine step allocates and frees the same temporaries: the logits a
 leave the process when freed (allocations above the mmap threshold are unmapped, the heap top
 is trimmed, per-thread arenas shrink), and the next step faults every page in again, zero-filled.
 Measured on the 2-core CI machine (48-request `folojax bench --throughput` workload): ~610,000
-page faults (2.4 GB) and ~2 s of kernel time per run by default; with these settings a few
-thousand, and the run ~10% shorter. transformers+torch on the same workload: no change.
+page faults (2.4 GB) and ~2 s of kernel time per run by default; with these settings 2 to
+~50,000, and the run ~10% shorter. transformers+torch on the same workload: no change.
 
 The settings: blocks up to 256 MB come from the heap (not mmap), up to 256 MB of free heap top
 is kept, and all threads share one arena (XLA's worker threads would otherwise each grow and trim
@@ -25,18 +25,27 @@ SETTINGS = ((M_TRIM_THRESHOLD, 256 << 20), (M_MMAP_THRESHOLD, 256 << 20), (M_ARE
 ENV_VAR = "FOLOJAX_TUNE_MALLOC"
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc (Linux only; musl has no gnu_get_libc_version), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def tune_host_malloc() -> bool:
     """Applies SETTINGS through glibc's mallopt; returns whether all of them took effect (False
     when turned off by FOLOJAX_TUNE_MALLOC=0 or when the C library is not glibc)."""
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl has no such symbol)
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)
+    applied = [mallopt(parameter, value) == 1 for parameter, value in SETTINGS]  # each one tried
+    return all(applied)

@@ -4,7 +4,6 @@ The settings are process-wide, so the behaviour is checked in fresh interpreters
 folojax (which applies them) and one with FOLOJAX_TUNE_MALLOC=0.
 """
 
-import ctypes
 import json
 import os
 import subprocess
@@ -12,18 +11,9 @@ import sys
 
 import pytest
 
-from folojax.host_malloc import ENV_VAR, tune_host_malloc
+from folojax.host_malloc import ENV_VAR, glibc, tune_host_malloc
 
-
-def _is_glibc() -> bool:
-    try:
-        ctypes.CDLL("libc.so.6").gnu_get_libc_version  # noqa: B018
-    except (OSError, AttributeError):
-        return False
-    return sys.platform.startswith("linux")
-
-
-glibc_only = pytest.mark.skipif(not _is_glibc(), reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(glibc() is None, reason="mallopt is glibc's")
 
 # 40 MB is above the largest mmap threshold glibc picks by itself (32 MB on 64-bit), so by
 # default each such block is mapped when allocated and unmapped when freed.
