@@ -64,7 +64,7 @@ class LLMEngine:
                                       model.dtype)
         # A request never outgrows the pool: past its capacity it finishes with "length".
         self.max_request_len = min(config.max_model_len, cache.num_tokens)
-        self.chunks = default_chunk_sizes()  # keys per attention iteration, for this backend
+        self.chunks = default_chunk_sizes(dtype=model.dtype)  # attention's kernel and chunks
         self._key = jax.random.key(seed)
         self._key_counter = itertools.count()
         self._internal_ids = itertools.count()  # completions' ids: never a caller's id

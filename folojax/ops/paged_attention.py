@@ -18,14 +18,22 @@ Keys per item and items per iteration (ChunkSizes) depend on the backend. On CPU
 16 per iteration (64 queries per key in a prefill tile: ~2x faster than 16-key chunks). On a
 GPU every iteration launches its own kernels, so a few large iterations are better.
 
+On CPU with float32 caches (ChunkSizes.kernel "cpu") the same call runs a C++ kernel instead
+(csrc/paged_attention.cc, through XLA's FFI): it walks each row's blocks in place, with no
+gathered copy (one layer on this CPU, same microbenchmark: 48 decode rows 0.8 against 2.5-3.1
+ms, 21 prefill tiles 4.3 against 8.5-9.4 ms).
+
 A query sees the keys at positions <= its own; a padding query has position -1, sees none and
 gets zeros.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from folojax.ops import cpu_kernels
 
 _MASKED = -1e30  # finite, so a fully masked max stays finite (no NaN from inf - inf)
 
@@ -38,6 +46,7 @@ class ChunkSizes:
     decode_items: int
     prefill: int
     prefill_items: int
+    kernel: str = "xla"  # "xla": the gather loop below; "cpu": the C++ kernel (ops/cpu_kernels)
 
 
 @jax.tree_util.register_dataclass
@@ -51,10 +60,14 @@ class WorkItems:
     num_iterations: jax.Array  # []: ceil(real items / items per iteration) (traced)
 
 
-def default_chunk_sizes(backend: str | None = None) -> ChunkSizes:
-    """The chunk sizes for a backend (default: JAX's default backend)."""
-    if (backend or jax.default_backend()) == "cpu":
-        return ChunkSizes(decode=64, decode_items=16, prefill=64, prefill_items=16)
+def default_chunk_sizes(backend: str | None = None, dtype=jnp.float32) -> ChunkSizes:
+    """The chunk sizes and kernel for a backend (default: JAX's default backend) and cache
+    dtype: on CPU, the C++ kernel for float32 caches where it builds."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        native = jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available(backend)
+        return ChunkSizes(decode=64, decode_items=16, prefill=64, prefill_items=16,
+                          kernel="cpu" if native else "xla")
     return ChunkSizes(decode=512, decode_items=256, prefill=512, prefill_items=128)
 
 
@@ -70,18 +83,21 @@ def paged_attention(
     items: WorkItems,
     query_positions: jax.Array,  # [rows, q_len] (-1 = padding)
     items_per_iteration: int,
+    kernel: str = "xla",
 ) -> jax.Array:  # [rows, q_len, num_heads, head_dim]
     """Attention split into work items (flash-decoding's split-K): each item is one chunk of
     one row's keys, so rows of different lengths cost what their own keys cost instead of all
     padding to the longest, and a prefill tile reads only the chunks its causal mask reaches.
     Each item's softmax partials (max, sum, weighted values) are merged per row at the end."""
     rows, q_len, num_heads, head_dim = q.shape
+    if rows == 0:
+        return jnp.zeros(q.shape, v_cache.dtype)
+    if kernel == "cpu" and native_supports(head_dim, k_cache.shape[2]):
+        return native_paged_attention(q, k_cache, v_cache, items, query_positions)
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     groups = num_heads // num_kv_heads
     num_items, blocks_per_item = items.blocks.shape
     item_keys = blocks_per_item * block_size
-    if rows == 0:
-        return jnp.zeros(q.shape, v_cache.dtype)
     # Queries as [rows, kv_heads, (group, query), head_dim]: a KV head's queries side by side.
     q = q.reshape(rows, q_len, num_kv_heads, groups, head_dim).astype(jnp.float32)
     q = (q * head_dim**-0.5).transpose(0, 2, 3, 1, 4).reshape(
@@ -127,3 +143,21 @@ def paged_attention(
     out = numerator / jnp.maximum(denominator, 1e-30)[..., None]  # rows without items: 0
     out = out.reshape(rows, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(rows, q_len, num_heads, head_dim).astype(v_cache.dtype)
+
+
+def native_supports(head_dim: int, block_size: int) -> bool:
+    """The C++ kernel's size limits (other shapes take the gather loop)."""
+    return head_dim <= 512 and block_size <= 256
+
+
+def native_paged_attention(q, k_cache, v_cache, items: WorkItems, query_positions):
+    """The same attention by the C++ kernel (folojax/ops/csrc/paged_attention.cc): each row's
+    queries walk its blocks in place, with no gathered copy. float32 caches only."""
+    if k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
+        raise TypeError(f"the CPU paged-attention kernel reads float32 caches, got "
+                        f"{k_cache.dtype}/{v_cache.dtype}")
+    call = jax.ffi.ffi_call(cpu_kernels.PAGED_ATTENTION_TARGET,
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    int32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    return call(q.astype(jnp.float32), k_cache, v_cache, int32(items.rows), int32(items.blocks),
+                int32(items.starts), int32(query_positions))

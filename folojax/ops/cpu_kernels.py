@@ -1,0 +1,103 @@
+"""Native CPU kernels: C++ sources in folojax/ops/csrc, compiled on first use with the system's
+C++ compiler against jaxlib's FFI headers, cached, and registered as XLA FFI targets.
+
+The build is cached under $FOLOJAX_CACHE_DIR (default ~/.cache/folojax), keyed by the source,
+the flags, the compiler, jaxlib's version and this CPU's instruction sets (it is built with
+-march=native). Without a compiler, or with FOLOJAX_NATIVE_KERNELS=0, `available()` is False and
+callers use their pure-JAX path.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+
+logger = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention.cc"
+PAGED_ATTENTION_TARGET = "folojax_paged_attention"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+_OFF = ("0", "false", "no", "off")
+
+_state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler failed on a kernel source."""
+
+
+def enabled() -> bool:
+    return os.environ.get("FOLOJAX_NATIVE_KERNELS", "1").strip().lower() not in _OFF
+
+
+def cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "folojax"
+    return pathlib.Path(os.environ.get("FOLOJAX_CACHE_DIR", default)) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+def compiler() -> str:
+    """$CXX, else c++ or g++ on the PATH."""
+    name = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    path = shutil.which(name) if name else None
+    if path is None:
+        tried = f"CXX={name}" if name else "no c++ or g++ on the PATH"
+        raise KernelBuildError(f"no C++ compiler found ({tried}; set CXX or install g++)")
+    return path
+
+
+def build(source: pathlib.Path = SOURCE) -> pathlib.Path:
+    """The shared library for `source`, compiled unless the cache already holds it."""
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([source.read_text(), " ".join(FLAGS), version,
+                                    jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
+    library = cache_dir() / f"{source.stem}-{key[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: concurrent builds never load a partial file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        partial = pathlib.Path(scratch) / library.name
+        command = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+        os.replace(partial, library)
+    logger.info("built %s", library)
+    return library
+
+
+def load() -> bool:
+    """Builds (once) and registers the kernels; False, with a warning, if they cannot be."""
+    if "loaded" not in _state:
+        _state["loaded"] = False
+        if enabled():
+            try:
+                library = ctypes.cdll.LoadLibrary(str(build()))
+                jax.ffi.register_ffi_target(
+                    PAGED_ATTENTION_TARGET, jax.ffi.pycapsule(library.FolojaxPagedAttention),
+                    platform="cpu")
+                _state["loaded"] = True
+            except (KernelBuildError, OSError) as error:
+                logger.warning("native CPU kernels unavailable, using the JAX path: %s", error)
+    return _state["loaded"]
+
+
+def available(backend: str | None = None) -> bool:
+    """Whether the native kernels serve this backend (default: JAX's default backend)."""
+    return (backend or jax.default_backend()) == "cpu" and load()
