@@ -1,6 +1,7 @@
 """The `folojax` command line."""
 
 import json
+import os
 
 import pytest
 
@@ -50,6 +51,8 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
         max_num_seqs=4, max_num_batched_tokens=64, prefix_len=100, compare_hf=True, repeats=3)
     assert [r.name for r in results] == ["folojax", "hf generate", "hf generate_batch"]
     assert [r.num_output_tokens for r in results] == [30, 30, 30]
+    # transformers runs in a process of its own.
+    assert results[0].process_id == os.getpid() != results[1].process_id
     assert results[0].num_compiles > 0
     for result in results:  # three interleaved rounds; each engine reports its median one
         assert len(result.run_seconds) == 3
