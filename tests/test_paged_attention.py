@@ -143,6 +143,11 @@ def test_without_the_kernel_cpu_falls_back_to_the_jax_path(environment, monkeypa
     if "CXX" in environment:
         assert "native CPU kernels unavailable, using the JAX path" in caplog.text
         assert environment["CXX"] in caplog.text
+    cache = jnp.zeros((4, 1, BLOCK, HEAD_DIM))
+    items = work_items([[0]], np.array([0]), BLOCK, BLOCK, 1)
+    with pytest.raises(RuntimeError, match="paged-attention kernel is not available"):
+        paged_attention(jnp.zeros((1, 1, 1, HEAD_DIM)), cache, cache, items,
+                        jnp.zeros((1, 1), jnp.int32), 1, kernel="cpu")
 
 
 def test_write_slots_and_copy_blocks_address_whole_blocks():

@@ -20,8 +20,8 @@ GPU every iteration launches its own kernels, so a few large iterations are bett
 
 On CPU with float32 caches (ChunkSizes.kernel "cpu") the same call runs a C++ kernel instead
 (csrc/paged_attention.cc, through XLA's FFI): it walks each row's blocks in place, with no
-gathered copy (one layer on this CPU, same microbenchmark: 48 decode rows 0.8 against 2.5-3.1
-ms, 21 prefill tiles 4.3 against 8.5-9.4 ms).
+gathered copy (one layer on this CPU, same microbenchmark, caches evicted: 48 decode rows 1.9
+against 3.1 ms, 21 prefill tiles 5.0 against 10.1 ms).
 
 A query sees the keys at positions <= its own; a padding query has position -1, sees none and
 gets zeros.
@@ -156,6 +156,9 @@ def native_paged_attention(q, k_cache, v_cache, items: WorkItems, query_position
     if k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
         raise TypeError(f"the CPU paged-attention kernel reads float32 caches, got "
                         f"{k_cache.dtype}/{v_cache.dtype}")
+    if not cpu_kernels.load():
+        raise RuntimeError("the CPU paged-attention kernel is not available (see the warning "
+                           "logged by folojax.ops.cpu_kernels); use kernel='xla'")
     call = jax.ffi.ffi_call(cpu_kernels.PAGED_ATTENTION_TARGET,
                             jax.ShapeDtypeStruct(q.shape, jnp.float32))
     int32 = functools.partial(jnp.asarray, dtype=jnp.int32)
