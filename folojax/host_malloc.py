@@ -17,8 +17,9 @@ Elsewhere (not Linux, not glibc) nothing changes.
 """
 
 import ctypes
-import os
 import sys
+
+from folojax.env import switched_off
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 SETTINGS = ((M_TRIM_THRESHOLD, 256 << 20), (M_MMAP_THRESHOLD, 256 << 20), (M_ARENA_MAX, 1))
@@ -40,7 +41,7 @@ def glibc() -> ctypes.CDLL | None:
 def tune_host_malloc() -> bool:
     """Applies SETTINGS through glibc's mallopt; returns whether all of them took effect (False
     when turned off by FOLOJAX_TUNE_MALLOC=0 or when the C library is not glibc)."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENV_VAR):
         return False
     libc = glibc()
     if libc is None:

@@ -19,12 +19,13 @@ import tempfile
 import jax
 import jaxlib
 
+from folojax.env import switched_off
+
 logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention.cc"
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
-_OFF = ("0", "false", "no", "off")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)
 
@@ -34,7 +35,7 @@ class KernelBuildError(RuntimeError):
 
 
 def enabled() -> bool:
-    return os.environ.get("FOLOJAX_NATIVE_KERNELS", "1").strip().lower() not in _OFF
+    return not switched_off("FOLOJAX_NATIVE_KERNELS")
 
 
 def cache_dir() -> pathlib.Path:
