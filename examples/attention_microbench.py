@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from folojax.engine.step_inputs import PREFILL_TILE, work_items
 from folojax.ops import cpu_kernels
 from folojax.ops.paged_attention import default_chunk_sizes, paged_attention
+from folojax.ops.step_inputs import PREFILL_TILE
+from folojax.runner.prepare import work_items
 
 KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 4, 2, 64, 16, 2048
 _EVICT = np.zeros(24 << 20, np.float32)  # 96 MB, three times the L3

@@ -18,7 +18,7 @@ import numpy as np
 
 from folojax.engine.generate import generate
 from folojax.model.decoder import num_compiles
-from folojax.ops.kv_cache import init_cache
+from folojax.ops.paged_kv_cache import init_cache
 from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import load_model, resolve_dtype, resolve_model_path
 

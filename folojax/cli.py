@@ -1,16 +1,39 @@
-"""The `folojax` command: generate, bench, init-random."""
+"""The `folojax` command: generate, bench, init-random.
+
+Arguments are checked before anything loads, so a bad one fails at once. The command owns its
+process, so it tunes glibc's malloc first (folojax/host_malloc.py; FOLOJAX_TUNE_MALLOC=0 does
+not).
+"""
 
 import argparse
 import sys
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
+
+
+def _check_generate(args):
+    """The sampling parameters, checked before the model loads."""
+    from folojax.sampling_params import SamplingParams
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give the text to complete")
+    _check_dtype(args.dtype)
+    if args.max_model_len is not None and args.max_model_len <= 0:
+        raise ValueError(f"--max-model-len must be positive, got {args.max_model_len}")
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_tokens=args.max_tokens)
+
 
 def _generate(args) -> int:
     from folojax.engine.llm import LLM
-    from folojax.sampling_params import SamplingParams
 
+    sampling = _check_generate(args)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed, max_tokens=args.max_tokens)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], sampling, use_tqdm=False)
     else:
@@ -25,7 +48,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _check_bench(args) -> None:
+    _check_dtype(args.dtype)
+    for name in ("batch_size", "prompt_len", "max_tokens", "repeats", "num_requests",
+                 "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, name)
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.prefix_len < 0:
+        raise ValueError(f"--prefix-len must be >= 0, got {args.prefix_len}")
+    if args.min_prompt_len > args.max_prompt_len:
+        raise ValueError(f"--min-prompt-len ({args.min_prompt_len}) exceeds --max-prompt-len "
+                         f"({args.max_prompt_len})")
+
+
 def _bench(args) -> int:
+    _check_bench(args)
     if args.throughput:
         return _bench_throughput(args)
     from folojax.bench import format_results, run_bench
@@ -65,29 +103,35 @@ def _init_random(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="folojax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="folojax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    gen = commands.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("--prompt", required=True)
+    gen = commands.add_parser("generate", help="generate text from a prompt", **defaults)
+    gen.add_argument("--prompt", required=True, help="the text to complete (or, with --chat, "
+                     "the user's message)")
     gen.add_argument("--model", default=None,
-                     help="HF directory, .gguf file or hub id (default: embedded SmolLM2)")
+                     help="HF directory, .gguf file or hub id; none: the embedded SmolLM2")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept (1 = all)")
+    gen.add_argument("--top-k", type=int, default=0, help="most likely tokens kept (0 = all)")
+    gen.add_argument("--seed", type=int, default=None, help="per-request seed, in [0, 2**64)")
+    gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
+                     "CPU), float32, bfloat16 or float16")
+    gen.add_argument("--max-model-len", type=int, default=None,
+                     help="longest prompt plus output; none: the model's context")
     gen.set_defaults(func=_generate)
 
-    bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s")
-    bench.add_argument("--model", default=None)
-    bench.add_argument("--dtype", default="auto")
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--prompt-len", type=int, default=128)
-    bench.add_argument("--max-tokens", type=int, default=64)
+    bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)
+    bench.add_argument("--model", default=None,
+                       help="HF directory or .gguf file; none: the embedded SmolLM2")
+    bench.add_argument("--dtype", default="auto", help="as for generate")
+    bench.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    bench.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
+    bench.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed runs (medians reported); with --throughput, rounds in which "
                             "the engines take turns")
@@ -96,26 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--throughput", action="store_true",
                        help="many mixed-length requests through the engine (uses the options "
                             "below, --max-tokens and --compare-hf)")
-    bench.add_argument("--num-requests", type=int, default=48)
-    bench.add_argument("--min-prompt-len", type=int, default=32)
-    bench.add_argument("--max-prompt-len", type=int, default=256)
-    bench.add_argument("--max-num-seqs", type=int, default=64)
-    bench.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    bench.add_argument("--num-requests", type=int, default=48, help="--throughput: requests")
+    bench.add_argument("--min-prompt-len", type=int, default=32,
+                       help="--throughput: shortest prompt")
+    bench.add_argument("--max-prompt-len", type=int, default=256,
+                       help="--throughput: longest prompt")
+    bench.add_argument("--max-num-seqs", type=int, default=64,
+                       help="--throughput: requests running at once")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                       help="--throughput: tokens computed per step")
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared prefix for the prefix-caching TTFT figure (0 = skip)")
     bench.set_defaults(func=_bench)
 
-    init = commands.add_parser("init-random", help="write a random-weight HF checkpoint")
+    init = commands.add_parser("init-random", help="write a random-weight HF checkpoint",
+                               **defaults)
     init.add_argument("--config", required=True, help="a config.json, e.g. configs/qwen3-0.6b.json")
-    init.add_argument("--out", required=True)
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", default="bfloat16")
+    init.add_argument("--out", required=True, help="the directory to write")
+    init.add_argument("--seed", type=int, default=0, help="of the random weights")
+    init.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16")
     init.set_defaults(func=_init_random)
     return parser
 
 
 def main(argv=None) -> int:
+    from folojax.host_malloc import tune_host_malloc
+
     args = build_parser().parse_args(argv)
+    tune_host_malloc()  # before JAX starts its threads; FOLOJAX_TUNE_MALLOC=0 leaves glibc's
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -13,6 +13,58 @@ from folojax.errors import UnsupportedModelError
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A scaled RoPE's parameters, with transformers' names and defaults (folojax/model/rope.py)."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int  # yarn, llama3: the pretraining context
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: None = from factor (and mscale)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_scaling type {self.rope_type!r} is not supported; supported: default, "
+                f"{', '.join(ROPE_TYPES)}")
+        if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or not (
+                self.factor > 0):
+            raise ValueError(f"rope_scaling factor must be a positive number, got {self.factor!r}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
+
+    @classmethod
+    def from_hf(cls, rope: dict, max_position_embeddings: int) -> RopeScaling | None:
+        """From config.json's `rope_parameters` (transformers 5) or `rope_scaling` (older)."""
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_scaling type {kind!r} is not supported; supported: default, "
+                f"{', '.join(ROPE_TYPES)}")
+        if rope.get("factor") is None:
+            raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_type", "factor",
+                                                              "original_max_position_embeddings"}
+        extra = {name: rope[name] for name in names if rope.get(name) is not None}
+        return cls(rope_type=kind, factor=float(rope["factor"]),
+                   original_max_position_embeddings=int(rope.get(
+                       "original_max_position_embeddings") or max_position_embeddings),
+                   **extra)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -31,6 +83,7 @@ class ModelConfig:
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -68,8 +121,8 @@ class ModelConfig:
             )
         # transformers >= 5 writes rope_theta inside "rope_parameters"; older files at top level.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        _check_rope_scaling(rope)
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        max_position_embeddings = hf.get("max_position_embeddings", 4096)
         num_heads = hf["num_attention_heads"]
         hidden_size = hf["hidden_size"]
         eos = hf.get("eos_token_id")
@@ -88,23 +141,16 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             use_qk_norm=architecture == "Qwen3ForCausalLM",
             attention_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_position_embeddings,
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
+            rope_scaling=RopeScaling.from_hf(rope, max_position_embeddings),
         )
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path) as f:
             return cls.from_hf_config(json.load(f))
-
-
-def _check_rope_scaling(rope: dict) -> None:
-    kind = rope.get("rope_type", rope.get("type"))
-    if kind not in (None, "default"):
-        raise UnsupportedModelError(
-            f"rope_scaling type {kind!r} is not supported (only unscaled RoPE is implemented)"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +206,12 @@ class EngineConfig:
     max_model_len: int
     dtype: str
     kv_cache: KVCacheConfig = KVCacheConfig()
+    max_logprobs: int = 20  # the most top-N logprobs a request may ask for (vLLM's default)
 
     def __post_init__(self):
-        if not 0 < self.max_model_len:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        _check_positive_ints(self, "max_model_len")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.max_model_len > self.model.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={self.max_model_len} exceeds the model's "

@@ -2,24 +2,24 @@
 instead of handing them back to the kernel and faulting them in again.
 
 On CPU, every engine step allocates and frees the same temporaries: the logits alone are
-[rows, vocab] floats (29 MB for 48 rows of Qwen3's 151,936). With glibc's defaults such blocks
-leave the process when freed (allocations above the mmap threshold are unmapped, the heap top
-is trimmed, per-thread arenas shrink), and the next step faults every page in again, zero-filled.
-Measured on the 2-core CI machine (48-request `folojax bench --throughput` workload): ~610,000
-page faults (2.4 GB) and ~2 s of kernel time per run by default; with these settings 2 to
-~50,000, and the run ~10% shorter. transformers+torch on the same workload: no change.
+[rows, vocab] floats. With glibc's defaults such blocks leave the process when freed
+(allocations above the mmap threshold are unmapped, the heap top is trimmed, per-thread arenas
+shrink), and the next step faults every page in again, zero-filled.
 
 The settings: blocks up to 256 MB come from the heap (not mmap), up to 256 MB of free heap top
 is kept, and all threads share one arena (XLA's worker threads would otherwise each grow and trim
-their own). They are process-wide and take full effect before XLA's threads start, so
-`import folojax` applies them; FOLOJAX_TUNE_MALLOC=0 in the environment leaves glibc's defaults.
-Elsewhere (not Linux, not glibc) nothing changes.
+their own). They are process-wide and take full effect before XLA's threads start. So they are
+applied only where folojax owns the process: the `folojax` command applies them first thing
+(FOLOJAX_TUNE_MALLOC=0 leaves glibc's defaults). A program that imports folojax opts in with
+FOLOJAX_TUNE_MALLOC=1 in the environment (applied at import) or by calling tune_host_malloc()
+before it first uses JAX; importing folojax otherwise changes nothing. Elsewhere (not Linux, not
+glibc) nothing changes. docs/BENCHMARKS.md has the measured effect.
 """
 
 import ctypes
 import sys
 
-from folojax.env import switched_off
+from folojax.env import switched_off, switched_on
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 SETTINGS = ((M_TRIM_THRESHOLD, 256 << 20), (M_MMAP_THRESHOLD, 256 << 20), (M_ARENA_MAX, 1))
@@ -50,3 +50,8 @@ def tune_host_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = [mallopt(parameter, value) == 1 for parameter, value in SETTINGS]  # each one tried
     return all(applied)
+
+
+def tune_if_opted_in() -> bool:
+    """At import: applies the settings only if FOLOJAX_TUNE_MALLOC=1 asks for them."""
+    return switched_on(ENV_VAR) and tune_host_malloc()

@@ -28,6 +28,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" or "length"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per step: token id -> logprob
+    cumulative_logprob: float | None = None  # sum of the chosen tokens' logprobs (if logprobs)
 
     @property
     def finished(self) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+
+SEED_LIMIT = 2**64  # seeds are 64-bit: [0, 2**64)
 
 
 @dataclasses.dataclass
@@ -39,11 +42,13 @@ class SamplingParams:
                     f"SamplingParams.{field} must be {allowed}, got {getattr(self, field)!r}")
 
         check(_is_int(self.n) and self.n >= 1, "n", "an int >= 1")
-        check(_is_number(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
+        check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
+              "a finite number >= 0")
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (disabled) or >= 1")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "None or an int")
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT), "seed",
+              "None or an int in [0, 2**64)")
         check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
               "max_tokens", "None or an int >= 1")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an int >= 0")

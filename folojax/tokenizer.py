@@ -5,13 +5,14 @@ import os
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str):
-    """A transformers tokenizer from a model directory or a .gguf file."""
+def load_tokenizer(path: str, gguf_reader=None):
+    """A transformers tokenizer from a model directory or a .gguf file (`gguf_reader`: that file,
+    already opened)."""
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return load_gguf_tokenizer(path)
+        return load_gguf_tokenizer(path, gguf_reader)
     # transformers 5 quietly builds an empty tokenizer for a directory with none of these.
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name))
                                        for name in _TOKENIZER_FILES):
@@ -33,7 +34,7 @@ _GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id"
                         "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
 
-def load_gguf_tokenizer(path: str):
+def load_gguf_tokenizer(path: str, reader=None):
     """The tokenizer a GGUF file describes, built as transformers builds it, without torch.
 
     transformers' own route (AutoTokenizer(gguf_file=...)) reads the metadata with a reader that
@@ -53,7 +54,7 @@ def load_gguf_tokenizer(path: str):
 
     from folojax.weights.gguf import field, open_gguf
 
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     groups = {
         group: {ours: field(reader, f"tokenizer.{theirs}") for theirs, ours in names.items()
                 if f"tokenizer.{theirs}" in reader.fields}
@@ -69,11 +70,44 @@ def load_gguf_tokenizer(path: str):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def normalize_messages(messages) -> list[dict]:
+    """Checks a conversation and flattens OpenAI-style content parts ([{"type": "text", "text":
+    ...}, ...], joined by newlines) into strings; raises ValueError naming the bad message."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("a conversation is a non-empty list of {'role', 'content'} messages")
+    normalized = []
+    for index, message in enumerate(messages):
+        where = f"message {index}"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be a dict with 'role' and 'content', got "
+                             f"{type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{where} has no 'role' string (e.g. 'user')")
+        if "content" not in message:
+            raise ValueError(f"{where} ({message['role']}) has no 'content'")
+        content = message["content"]
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                        part.get("text"), str):
+                    raise ValueError(f"{where} content part {part_index} must be "
+                                     "{'type': 'text', 'text': str} (only text is supported)")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise ValueError(f"{where} content must be a string or a list of text parts, got "
+                             f"{type(content).__name__}")
+        normalized.append({**message, "content": content})
+    return normalized
+
+
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                         chat_template: str | None = None, **kwargs) -> list[int]:
     """Token ids of a conversation rendered by the model's chat template."""
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("this tokenizer has no chat template; pass chat_template=...")
+    messages = normalize_messages(messages)
     text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -7,14 +7,12 @@ import pytest
 from folojax.engine.block_pool import BlockPool, hash_block_tokens
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
-from folojax.engine.sequence import Sequence
 from folojax.sampling_params import SamplingParams
 
 
 def make_request(request_id: str, prompt: list[int], max_tokens: int = 4, n: int = 1) -> Request:
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, n=n)
-    return Request(request_id, prompt, sampling, np.zeros(2, np.uint32),
-                   Sequence(prompt, sampling, (), 10_000))
+    return Request(request_id, prompt, sampling, np.zeros(2, np.uint32), max_total_len=10_000)
 
 
 def free_order(pool: BlockPool) -> list[int]:
@@ -156,3 +154,43 @@ def test_reset_prefix_cache_forgets_every_hash():
     manager.pool.reset_prefix_cache()
     assert manager.get_computed_blocks(make_request("b", [1, 2, 3, 4, 9])) == ([], 0)
     assert all(block.block_hash is None for block in manager.pool.blocks)
+
+
+def test_block_hashes_are_sha256_chains_of_the_token_bytes():
+    import hashlib
+
+    first = hashlib.sha256(b"" + np.asarray([1, 2], np.int64).tobytes()).digest()
+    assert hash_block_tokens(None, [1, 2]) == first
+    assert hash_block_tokens(first, [3, 4]) == hashlib.sha256(
+        first + np.asarray([3, 4], np.int64).tobytes()).digest()
+
+
+def test_a_forced_block_hash_collision_reuses_no_block(monkeypatch):
+    # Every block hashes alike: only the stored tokens and chain links can tell them apart.
+    monkeypatch.setattr("folojax.engine.kv_cache_manager.hash_block_tokens",
+                        lambda parent, tokens: b"collision")
+    manager = KVCacheManager(num_blocks=8, block_size=2)
+    victim = make_request("victim", [1, 2, 3, 4, 5])
+    manager.allocate_slots(victim, 5)
+    victim.num_computed_tokens = 5
+    manager.cache_blocks(victim)
+    assert len(manager.pool.cached_blocks) == 1  # the first block with the hash keeps it
+    for prompt in ([7, 8, 3, 4, 5], [3, 4, 1, 2, 5], [7, 1, 2, 9]):
+        assert manager.get_computed_blocks(make_request("attacker", prompt)) == ([], 0)
+    # The victim's own prefix still hits.
+    blocks, num_cached = manager.get_computed_blocks(make_request("again", [1, 2, 3, 4, 6]))
+    assert [b.block_id for b in blocks] == [0] and num_cached == 2
+
+
+def test_a_hit_needs_the_exact_block_it_was_cached_after():
+    manager = KVCacheManager(num_blocks=4, block_size=2)
+    first = make_request("a", [1, 2, 3, 4, 5])
+    manager.allocate_slots(first, 5)
+    first.num_computed_tokens = 5
+    manager.cache_blocks(first)
+    manager.free(first)
+    block_0, block_1 = manager.pool.blocks[0], manager.pool.blocks[1]
+    # Evict block 0 and cache other tokens in it: block 1 no longer follows it.
+    manager.pool._evict(block_0)
+    manager.pool.cache_block(block_0, hash_block_tokens(None, [1, 2]), [1, 2], None)
+    assert manager.pool.get_cached_block(block_1.block_hash, [3, 4], block_0) is None

@@ -67,3 +67,44 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     assert "requests=3" in out and "rounds=2" in out and "output tok/s" in out
     with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
         run_throughput_bench(tiny_qwen3.path, "float32", repeats=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "SamplingParams.temperature"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--max-tokens", "0"], "SamplingParams.max_tokens"),
+    (["--max-model-len", "0"], "--max-model-len must be positive"),
+    (["--dtype", "int4"], "--dtype 'int4' is not supported"),
+])
+def test_generate_rejects_bad_arguments_before_loading_the_model(argv, message, capsys,
+                                                                 monkeypatch):
+    import folojax.weights.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    import argparse
+
+    from folojax.cli import build_parser
+
+    [subparsers] = [a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)]
+    for name, command in subparsers.choices.items():
+        options = [a for a in command._actions if a.option_strings and a.dest != "help"]
+        assert options, name
+        for option in options:
+            assert option.help, f"{name} {option.option_strings[0]} has no help"
+        text = command.format_help()
+        assert text.count("(default:") >= len(options), text
+
+
+def test_the_command_tunes_malloc_and_importing_folojax_does_not(monkeypatch):
+    import folojax.host_malloc as host_malloc
+
+    calls = []
+    monkeypatch.setattr(host_malloc, "tune_host_malloc", lambda: calls.append(1) or True)
+    main(["generate", "--prompt", ""])
+    assert calls == [1]

@@ -1,16 +1,17 @@
 """Bucketed shapes keep compilation to a handful of traces."""
 
 import jax
+import pytest
 
 import folojax
-from folojax.engine.buckets import stepped_bucket
-from folojax.engine.step_inputs import prefill_token_bucket, sampling_rows_bucket
+from folojax.runner.buckets import stepped_bucket
+from folojax.runner.prepare import prefill_token_bucket, sampling_rows_bucket
 
 
 def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
     model = tiny_qwen3.model
     sampling = folojax.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    before = folojax.num_compiles("step_and_sample")
+    before = folojax.num_compiles("paged_step")
     for length in (1, 2, 7, 15, 16, 17, 33, 100, 130, 255, 256, 257, 600, 999, 1000):
         cache = folojax.init_cache(model.config, batch_size=1, max_seq_len=1024)
         result = folojax.generate(model.params, cache, jax.random.key(0),
@@ -19,7 +20,7 @@ def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
         assert len(result.token_ids[0]) == 3
     # Prompt buckets 16..1024 (7) plus at most one decode shape per attended-length bucket
     # (256, 512, 1024): far fewer than the 15 lengths, let alone one per length.
-    assert folojax.num_compiles("step_and_sample") - before <= 10
+    assert folojax.num_compiles("paged_step") - before <= 10
 
 
 def test_stepped_buckets_are_linear_then_geometric():
@@ -36,3 +37,19 @@ def test_few_sampling_rows_pad_to_powers_of_two_then_to_multiples_of_8():
 def test_short_prefills_pad_to_multiples_of_32_longer_ones_to_128():
     assert [prefill_token_bucket(n) for n in (0, 1, 24, 33, 128, 129, 1000, 1025)] == [
         0, 32, 32, 64, 128, 256, 1024, 2048]
+
+
+def test_each_logprobs_n_is_no_compile_of_its_own(tiny_qwen3):
+    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32")
+    prompt = {"prompt_token_ids": [5, 6, 7]}
+    llm.generate(prompt, folojax.SamplingParams(temperature=0, max_tokens=3, logprobs=1),
+                 use_tqdm=False)
+    before = folojax.num_compiles("paged_step")
+    for n in range(1, 21):
+        [output] = llm.generate(prompt, folojax.SamplingParams(temperature=0, max_tokens=3,
+                                                               logprobs=n), use_tqdm=False)
+        assert all(len(step) in (n, n + 1) for step in output.outputs[0].logprobs)
+    # N rounds up to 1, 2, 4, 8, 16, 32: at most two shapes per bucket (prefill, decode) more.
+    assert folojax.num_compiles("paged_step") - before <= 10
+    with pytest.raises(ValueError, match="logprobs=21 exceeds max_logprobs=20"):
+        llm.generate(prompt, folojax.SamplingParams(logprobs=21))

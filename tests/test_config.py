@@ -1,7 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 
-from folojax.config import ModelConfig
+from folojax.config import ModelConfig, RopeScaling
 from folojax.errors import UnsupportedModelError
 from folojax.weights.gguf import _undo_llama_rope_permutation
 
@@ -27,12 +29,17 @@ def test_rope_theta_is_read_from_either_config_format():
     assert new.rope_theta == old.rope_theta == 12345.0
 
 
-def test_unsupported_rope_scaling_is_rejected():
-    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
-          "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    with pytest.raises(UnsupportedModelError, match="rope_scaling type 'llama3'"):
-        ModelConfig.from_hf_config(hf)
+def test_rope_scaling_is_read_and_checked():
+    base = json.load(open(QWEN3_0_6B))
+    yarn = ModelConfig.from_hf_config({**base, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    assert yarn.rope_scaling == RopeScaling("yarn", 4.0, 32768)
+    assert ModelConfig.from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 2}}
+                                      ).rope_scaling.factor == 2.0
+    with pytest.raises(UnsupportedModelError, match="rope_scaling type 'su' is not supported"):
+        ModelConfig.from_hf_config({**base, "rope_scaling": {"type": "su", "factor": 2}})
+    with pytest.raises(ValueError, match="needs a 'factor'"):
+        ModelConfig.from_hf_config({**base, "rope_scaling": {"type": "linear"}})
 
 
 def test_undo_llama_rope_permutation_inverts_llama_cpp_permutation():

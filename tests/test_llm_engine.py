@@ -191,13 +191,14 @@ def test_async_scheduling_changes_no_output(tiny_qwen3, monkeypatch):
 
 
 def test_async_scheduling_dispatches_a_step_before_reading_the_last(tiny_qwen3, monkeypatch):
-    import folojax.engine.llm_engine as llm_engine
+    import folojax.engine.engine_core as engine_core
+    import folojax.runner.model_runner as model_runner
 
     events = []
-    dispatch, read = llm_engine.paged_step, llm_engine.read_sampled
-    monkeypatch.setattr(llm_engine, "paged_step",
+    dispatch, read = model_runner.paged_step, engine_core.read_sampled
+    monkeypatch.setattr(model_runner, "paged_step",
                         lambda *args: events.append("dispatch") or dispatch(*args))
-    monkeypatch.setattr(llm_engine, "read_sampled",
+    monkeypatch.setattr(engine_core, "read_sampled",
                         lambda *args: events.append("read") or read(*args))
     engine = make_llm(tiny_qwen3).llm_engine
     engine.add_request("a", [5, 6, 7], GREEDY)  # 6 tokens: 6 steps

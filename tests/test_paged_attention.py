@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from folojax.engine.step_inputs import work_items
 from folojax.ops import cpu_kernels
 from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes, paged_attention
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks, write_slots
+from folojax.runner.prepare import work_items
 
 KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 3, 8, 4, 256
 CPU, GPU = ChunkSizes(64, 16, 64, 16), ChunkSizes(512, 256, 512, 128)

@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 
 import folojax
-from folojax.engine.sampling_inputs import build_sampler_inputs
-from folojax.ops.sampling import apply_min_p, apply_penalties, apply_top_k_top_p, argmax, sample
+from folojax.ops.sampling import (
+    SamplerState,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    argmax,
+    sample,
+)
+from folojax.runner.sampling_inputs import (
+    sampler_flags,
+    sampling_tensors,
+    seed_key_data,
+    stop_token_ids,
+)
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))  # probabilities, unsorted
 
@@ -53,8 +65,20 @@ def test_min_p_mask(min_p, expected):
 
 
 def _sampler_inputs(samplings, batch, vocab, prompts=None, eos=()):
+    """(tensors, state, flags) of `samplings`, with vocab-sized masks (as the step builds)."""
     prompts = prompts or [[0]] * len(samplings)
-    return build_sampler_inputs(samplings, prompts, batch, vocab, jax.random.key(0), eos)
+    keys = np.stack([seed_key_data(s.seed or 0) for s in samplings])
+    tensors = sampling_tensors(samplings, jax.random.wrap_key_data(jnp.asarray(keys)))
+    prompt_mask = np.zeros((batch, vocab), bool)
+    stop_mask = np.zeros((batch, vocab), bool)
+    for row, (prompt, sampling) in enumerate(zip(prompts, samplings, strict=True)):
+        prompt_mask[row, prompt] = True
+        stop_mask[row, stop_token_ids(sampling, eos)] = True
+    state = SamplerState(num_generated=jnp.zeros(batch, jnp.int32),
+                         output_counts=jnp.zeros((batch, vocab), jnp.int32),
+                         prompt_mask=jnp.asarray(prompt_mask),
+                         stop_token_mask=jnp.asarray(stop_mask))
+    return tensors, state, sampler_flags(samplings)
 
 
 def test_sampled_distribution_matches_softmax_chi_square():

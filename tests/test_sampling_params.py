@@ -8,6 +8,7 @@ from folojax import SamplingParams
     ("min_p", 1.5), ("max_tokens", 0), ("min_tokens", -1), ("presence_penalty", 3.0),
     ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("logprobs", -1), ("seed", 1.5),
     ("stop", [""]), ("stop_token_ids", [-3]), ("temperature", float("nan")), ("n", True),
+    ("temperature", float("inf")), ("seed", -1), ("seed", 2**64), ("seed", True),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

@@ -8,7 +8,6 @@ from folojax.config import SchedulerConfig
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request, RequestStatus
 from folojax.engine.scheduler import Scheduler
-from folojax.engine.sequence import Sequence
 from folojax.sampling_params import SamplingParams
 from tests.test_block_pool import make_request
 
@@ -154,8 +153,7 @@ def test_async_scheduling_counts_the_tokens_in_flight():
 def test_async_scheduling_drops_the_token_computed_past_a_stop():
     scheduler = make_scheduler()
     sampling = SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[9])
-    request = Request("a", [1, 2, 3], sampling, np.zeros(2, np.uint32),
-                      Sequence([1, 2, 3], sampling, (), 10_000))
+    request = Request("a", [1, 2, 3], sampling, np.zeros(2, np.uint32), max_total_len=10_000)
     scheduler.add_request(request)
     first = scheduler.schedule()
     second = scheduler.schedule()
@@ -163,7 +161,7 @@ def test_async_scheduling_drops_the_token_computed_past_a_stop():
     third = scheduler.schedule()  # scheduled before the stop token is seen
     assert feed(scheduler, second, token=9) == [request]
     assert feed(scheduler, third, token=6) == []  # its token is dropped
-    assert request.output_token_ids == [5, 9] and request.sequence.finish_reason == "stop"
+    assert request.output_token_ids == [5, 9] and request.finish_reason == "stop"
     assert not scheduler.has_unfinished_requests()
     assert scheduler.kv_cache_manager.pool.num_free_blocks == 64
 

@@ -4,20 +4,29 @@ Host-only bookkeeping over block ids; the device cache holds the blocks' keys an
 whose ref count drops to 0 goes to the tail of the free queue but keeps its hash, so a later
 request with the same prefix can take it back; new blocks are taken from the head (least recently
 freed), and only then does a cached block lose its hash.
+
+A prefix hit must never serve one request another's keys and values (vLLM's CVE-2025-25183 was
+a collision of Python's unkeyed 64-bit `hash`): block hashes are sha256 chains, and a hit is
+also checked against the block's stored tokens and the exact block it was cached after.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
-BlockHash = int
+import numpy as np
+
+BlockHash = bytes
 
 
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """Chained hash of one full block: equal hashes mean equal tokens from position 0 on."""
-    return hash((parent_hash, tuple(token_ids)))
+    """Chained sha256 of one full block: the parent's digest, then the tokens as int64 bytes."""
+    digest = hashlib.sha256(parent_hash or b"")
+    digest.update(np.asarray(token_ids, np.int64).tobytes())
+    return digest.digest()
 
 
 @dataclasses.dataclass(eq=False)
@@ -25,6 +34,11 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None  # set once the block is full and cached
+    # What a hit is checked against: the block's tokens, and the (block id, cache_version) of
+    # the block cached right before it in its chain (None for a first block).
+    token_ids: tuple[int, ...] = ()
+    parent: tuple[int, int] | None = None
+    cache_version: int = 0  # bumped each time the block is cached anew
 
 
 class BlockPool:
@@ -77,15 +91,26 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = block
 
-    def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
-        return self.cached_blocks.get(block_hash) if self.enable_caching else None
+    def get_cached_block(self, block_hash: BlockHash, token_ids: Sequence[int],
+                         parent: KVBlock | None) -> KVBlock | None:
+        """The cached block under `block_hash` if it holds exactly `token_ids` and was cached
+        right after `parent` (the previous hit of the same chain); else None."""
+        block = self.cached_blocks.get(block_hash) if self.enable_caching else None
+        if block is None or block.token_ids != tuple(token_ids) or block.parent != _link(parent):
+            return None
+        return block
 
-    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
-        """Records a full, computed block under its hash (the first block with a hash keeps it)."""
+    def cache_block(self, block: KVBlock, block_hash: BlockHash, token_ids: Sequence[int],
+                    parent: KVBlock | None) -> None:
+        """Records a full, computed block under its hash (the first block with a hash keeps it)
+        with its tokens and the block before it in the request's table."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash not in self.cached_blocks:
             block.block_hash = block_hash
+            block.token_ids = tuple(token_ids)
+            block.parent = _link(parent)
+            block.cache_version += 1
             self.cached_blocks[block_hash] = block
 
     def reset_prefix_cache(self) -> None:
@@ -99,3 +124,9 @@ class BlockPool:
             if self.cached_blocks.get(block.block_hash) is block:
                 del self.cached_blocks[block.block_hash]
             block.block_hash = None
+            block.token_ids, block.parent = (), None
+
+
+def _link(block: KVBlock | None) -> tuple[int, int] | None:
+    """Identifies a block as cached now: a later re-caching of the same id is another link."""
+    return None if block is None else (block.block_id, block.cache_version)

@@ -1,9 +1,13 @@
-"""folojax.generate: the functional generation loop over one explicit KV cache.
+"""The functional API: prefill, decode_step and generate over an explicit cache from
+init_cache, on the engine's own step.
 
-Each prompt occupies one row of the cache. The loop prefills all rows in one step, then decodes
-one token per unfinished row per step. The next step is dispatched (JAX runs it asynchronously)
-before the host reads the previous step's tokens, so stop checks overlap device work.
+Each prompt occupies one row of the cache, and continues after whatever the row already holds.
+prefill and decode_step run one step and return logits; generate runs the engine core (its
+scheduler, runner and async step loop) over the rows, with the cache's rows as the block tables.
+All three donate the cache and return the new one.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import time
@@ -12,17 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from folojax.config import ModelConfig
-from folojax.engine.buckets import bucket
-from folojax.engine.sampling_inputs import build_sampler_inputs
-from folojax.engine.sequence import Sequence, read_sampled
-from folojax.model.step import step_and_sample
-from folojax.ops.kv_cache import KVCache
+from folojax.config import ModelConfig, SchedulerConfig
+from folojax.engine.engine_core import EngineCore
+from folojax.engine.request import Request
+from folojax.engine.row_kv_cache_manager import RowKVCacheManager
+from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
+from folojax.engine.validation import validate_request
+from folojax.ops.paged_kv_cache import PagedKVCache
 from folojax.outputs import RequestMetrics
+from folojax.runner.model_runner import ModelRunner
+from folojax.runner.sampling_inputs import row_key_data
 from folojax.sampling_params import SamplingParams
 
-MIN_SEQ_BUCKET = 16  # prompt lengths are padded to 16, 32, 64, ...
-MIN_KV_BUCKET = 256  # attended cache lengths to 256, 512, ...: few decode compiles per generation
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
+_NO_KEY = np.zeros(2, np.uint32)
 
 
 @dataclasses.dataclass
@@ -36,7 +43,55 @@ class GenerateResult:
     texts: list[str] | None  # when a tokenizer was given
     logprobs: list[list[dict[int, float]] | None]  # per row: per step {token id: logprob}
     metrics: list[RequestMetrics]
-    cache: KVCache
+    cache: PagedKVCache
+
+
+def _check_rows_cache(cache) -> None:
+    if not isinstance(cache, PagedKVCache) or cache.block_tables is None:
+        raise TypeError("cache must come from folojax.init_cache (a cache with rows), got "
+                        f"{type(cache).__name__}")
+
+
+def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: ModelConfig):
+    """Appends rows[b] to row b (rows left out get nothing); returns (logits [batch, vocab] of
+    each row's last new token, zeros for rows left out, new cache)."""
+    _check_rows_cache(cache)
+    lengths = np.array(cache.lengths)
+    tables = np.asarray(cache.block_tables)
+    scheduled, block_tables = [], {}
+    for row, ids in rows.items():
+        if lengths[row] + len(ids) > cache.max_seq_len:
+            raise ValueError(f"row {row} holds {lengths[row]} tokens: {len(ids)} more exceed "
+                             f"the cache's max_seq_len={cache.max_seq_len}")
+        request = Request(str(row), ids, _GREEDY, _NO_KEY, max_total_len=cache.max_seq_len,
+                          num_prefix_tokens=int(lengths[row]))
+        scheduled.append(ScheduledRequest(request, len(ids), int(lengths[row]), samples=True))
+        block_tables[str(row)] = tables[row].tolist()
+    runner = ModelRunner(params, config, cache, max_num_seqs=cache.batch_size)
+    logits = runner.logits(SchedulerOutput(scheduled, [], []), block_tables)
+    order = np.asarray(list(rows), np.int32)
+    logits = jnp.zeros((cache.batch_size, logits.shape[-1]), logits.dtype).at[order].set(
+        logits[:len(order)])
+    lengths[order] += [len(ids) for ids in rows.values()]
+    return logits, dataclasses.replace(runner.cache, lengths=jnp.asarray(lengths))
+
+
+def prefill(params, cache: PagedKVCache, token_ids, num_tokens, config: ModelConfig):
+    """Writes prompts [batch, seq] (row b: its first num_tokens[b] ids) after each row's cached
+    tokens; returns (last-token logits [batch, vocab] float32, new cache). Donates `cache`."""
+    token_ids = np.asarray(token_ids)
+    num_tokens = np.asarray(num_tokens).reshape(-1)
+    rows = {row: token_ids[row, :n].tolist() for row, n in enumerate(num_tokens.tolist()) if n}
+    return _row_step(params, cache, rows, config)
+
+
+def decode_step(params, cache: PagedKVCache, token_ids, config: ModelConfig, active=None):
+    """Appends one token per row (rows where `active` is False are left as they are); returns
+    (logits [batch, vocab] float32, new cache). Donates `cache`."""
+    token_ids = np.asarray(token_ids).reshape(-1)
+    active = np.ones(len(token_ids), bool) if active is None else np.asarray(active, bool)
+    rows = {row: [int(token_ids[row])] for row in np.flatnonzero(active).tolist()}
+    return _row_step(params, cache, rows, config)
 
 
 def _as_prompt_batch(prompt_token_ids) -> list[list[int]]:
@@ -46,27 +101,12 @@ def _as_prompt_batch(prompt_token_ids) -> list[list[int]]:
         raise TypeError("prompt_token_ids must be a list of ints or a list of lists of ints")
     if prompt_token_ids and all(isinstance(t, (int, np.integer)) for t in prompt_token_ids):
         return [list(prompt_token_ids)]
-    return [list(p) for p in prompt_token_ids]
+    return [list(p) if isinstance(p, (list, tuple)) else p for p in prompt_token_ids]
 
 
-def validate_prompt(prompt: list[int], vocab_size: int, room: int, where: str = "prompt") -> None:
-    """Raises ValueError for an empty prompt, ids outside the vocab, or no room to generate."""
-    if not prompt:
-        raise ValueError(f"{where} is empty: at least one token is needed")
-    bad = [t for t in prompt if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{where} has invalid token ids (ids are ints in [0, {vocab_size})): "
-                         f"{bad[:5]}")
-    if len(prompt) >= room:
-        raise ValueError(
-            f"{where} has {len(prompt)} tokens but max_model_len leaves room for {room} in total "
-            f"(prompt plus at least one generated token)"
-        )
-
-
-def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config: ModelConfig,
-             sampling: SamplingParams | list[SamplingParams] | None = None, tokenizer=None,
-             eos_token_ids: tuple[int, ...] | None = None) -> GenerateResult:
+def generate(params, cache: PagedKVCache, key: jax.Array, prompt_token_ids, *,
+             config: ModelConfig, sampling: SamplingParams | list[SamplingParams] | None = None,
+             tokenizer=None, eos_token_ids: tuple[int, ...] | None = None) -> GenerateResult:
     """Generates a completion for each prompt (one prompt per cache row), continuing after
     whatever the cache rows already hold. Donates `cache`; the result carries the new one.
 
@@ -76,76 +116,45 @@ def generate(params, cache: KVCache, key: jax.Array, prompt_token_ids, *, config
       sampling: one SamplingParams for all rows, or one per row. Default: greedy, 16 tokens.
       tokenizer: needed for text output and stop strings.
     """
+    _check_rows_cache(cache)
     prompts = _as_prompt_batch(prompt_token_ids)
     samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams(
         temperature=0.0)] * len(prompts)
     eos_token_ids = config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-    start_lengths = np.asarray(cache.lengths)  # tokens each row already holds
+    start_lengths = np.array(cache.lengths)  # tokens each row already holds
     _check_request(prompts, samplings, cache, start_lengths, config, tokenizer)
-    max_seq_len = cache.max_seq_len
+    keys = row_key_data(key, [s.seed for s in samplings])
     start = time.perf_counter()
-    sequences = [
-        Sequence(p, s, eos_token_ids, max_seq_len - int(start_lengths[row]), tokenizer, start)
-        for row, (p, s) in enumerate(zip(prompts, samplings, strict=True))
-    ]
-    batch = cache.batch_size
-    tensors, sampler_state, flags = build_sampler_inputs(
-        samplings, prompts, batch, config.vocab_size, key, eos_token_ids)
+    requests = [Request(str(row), [int(t) for t in prompt], s, keys[row],
+                        eos_token_ids=eos_token_ids, max_total_len=cache.max_seq_len,
+                        tokenizer=tokenizer, arrival_time=start,
+                        num_prefix_tokens=int(start_lengths[row]))
+                for row, (prompt, s) in enumerate(zip(prompts, samplings, strict=True))]
+    rows = RowKVCacheManager(np.asarray(cache.block_tables), cache.block_size)
+    runner = ModelRunner(params, config, cache, max_num_seqs=len(prompts),
+                         eos_token_ids=eos_token_ids)
+    core = EngineCore(runner, rows, SchedulerConfig(max_num_seqs=len(prompts)))
+    for row, request in enumerate(requests):
+        rows.assign(request, row)
+        core.add_request(request)
+    while core.has_unfinished_requests():
+        core.step()
 
-    lengths = start_lengths.copy()  # host mirror of cache.lengths
-    num_tokens = np.zeros(batch, np.int32)
-    num_tokens[:len(prompts)] = [len(p) for p in prompts]
-    token_ids = np.zeros((batch, bucket(num_tokens.max(), MIN_SEQ_BUCKET, max_seq_len)), np.int32)
-    for row, prompt in enumerate(prompts):
-        token_ids[row, :len(prompt)] = prompt
-
-    def dispatch(token_ids, num_tokens):
-        nonlocal cache, sampler_state
-        kv_len = bucket(int((lengths + num_tokens).max()), MIN_KV_BUCKET, max_seq_len)
-        tokens, logprobs, cache, sampler_state = step_and_sample(
-            params, cache, token_ids, jnp.asarray(num_tokens), tensors, sampler_state,
-            config, kv_len, flags)
-        lengths[:] += num_tokens
-        return tokens, logprobs
-
-    pending = dispatch(jnp.asarray(token_ids), num_tokens)
-    while True:
-        running = [row for row, s in enumerate(sequences) if not s.finished]
-        upcoming = None
-        num_tokens = np.zeros(batch, np.int32)
-        num_tokens[running] = 1
-        num_tokens[lengths >= max_seq_len] = 0
-        if num_tokens.any():  # speculatively feed the tokens not yet read back
-            upcoming = dispatch(pending[0][:, None], num_tokens)
-        _record(sequences, running, pending)
-        if upcoming is None or all(s.finished for s in sequences):
-            break
-        pending = upcoming
-
-    # A speculative step may have fed some rows' last token; either way the cache is defined to
+    # A step after a row's last may have fed its last token; either way the cache is defined to
     # hold each row's prompt and every generated token but the last (which was never fed back).
     final_lengths = start_lengths.copy()
-    for row, s in enumerate(sequences):
-        final_lengths[row] += len(s.prompt_token_ids) + len(s.token_ids) - 1
-    cache = dataclasses.replace(cache, lengths=jnp.asarray(final_lengths, jnp.int32))
+    for row, request in enumerate(requests):
+        final_lengths[row] += request.num_prompt_tokens + request.num_output_tokens - 1
+    cache = dataclasses.replace(runner.cache, lengths=jnp.asarray(final_lengths, jnp.int32))
     return GenerateResult(
-        token_ids=[s.token_ids for s in sequences],
-        finish_reasons=[s.finish_reason for s in sequences],
-        stop_reasons=[s.stop_reason for s in sequences],
-        texts=[s.text for s in sequences] if tokenizer is not None else None,
-        logprobs=[s.logprobs for s in sequences],
-        metrics=[s.metrics() for s in sequences],
+        token_ids=[r.output_token_ids for r in requests],
+        finish_reasons=[r.finish_reason for r in requests],
+        stop_reasons=[r.stop_reason for r in requests],
+        texts=[r.text for r in requests] if tokenizer is not None else None,
+        logprobs=[r.logprobs for r in requests],
+        metrics=[r.metrics() for r in requests],
         cache=cache,
     )
-
-
-def _record(sequences: list[Sequence], rows: list[int], step_output) -> None:
-    """Reads one step's tokens (and logprobs) back to the host and appends them."""
-    tokens, logprobs = step_output
-    num_logprobs = [sequence.sampling.logprobs for sequence in sequences]
-    sampled = read_sampled(tokens, logprobs, num_logprobs)
-    for row in rows:
-        sequences[row].append(*sampled[row])
 
 
 def _check_request(prompts, samplings, cache, start_lengths, config, tokenizer) -> None:
@@ -155,12 +164,9 @@ def _check_request(prompts, samplings, cache, start_lengths, config, tokenizer) 
         raise ValueError(f"{len(prompts)} prompts but the cache has batch_size="
                          f"{cache.batch_size}; one row per prompt")
     for row, (prompt, sampling) in enumerate(zip(prompts, samplings, strict=True)):
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        validate_request(prompt, sampling, vocab_size=config.vocab_size,
+                         room=cache.max_seq_len - int(start_lengths[row]),
+                         has_tokenizer=tokenizer is not None, where=f"prompt {row}")
         if sampling.n != 1:
             raise ValueError("folojax.generate makes one completion per row (SamplingParams.n=1);"
                              " repeat the prompt, or use LLM for n > 1")
-        if sampling.stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: pass tokenizer=...")
-        validate_prompt(prompt, config.vocab_size, cache.max_seq_len - int(start_lengths[row]),
-                        where=f"prompt {row}")

@@ -25,6 +25,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._num_hashed_blocks: dict[str, int] = {}  # leading blocks already offered to the cache
+        self._chains: dict[str, list[KVBlock]] = {}  # the cached blocks of each one's prefix
 
     def block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.block_tables.get(request_id, [])]
@@ -36,8 +37,9 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks = []
-        for block_hash in self._block_hashes(request)[:max_blocks]:
-            block = self.pool.get_cached_block(block_hash)
+        for index, block_hash in enumerate(self._block_hashes(request)[:max_blocks]):
+            block = self.pool.get_cached_block(block_hash, self._block_tokens(request, index),
+                                               blocks[-1] if blocks else None)
             if block is None:
                 break
             blocks.append(block)
@@ -82,30 +84,45 @@ class KVCacheManager:
 
     def cache_blocks(self, request: Request) -> None:
         """Offers the request's full, computed blocks to the prefix cache (those whose tokens are
-        all known: a block holding a token still in flight waits)."""
+        all known: a block holding a token still in flight waits).
+
+        Each block is cached after the cached block of its chain's previous index (the one a
+        lookup of these tokens finds, which may be another request's), so that a later hit can
+        check the link; a chain whose lookup fails (a hash collision) is cached no further."""
         if not self.enable_prefix_caching:
             return
         table = self.block_tables.get(request.request_id, [])
         num_known = min(request.num_computed_tokens, request.num_tokens)
         num_full = min(num_known // self.block_size, len(table))
         start = self._num_hashed_blocks.get(request.request_id, 0)
+        chain = self._chains.setdefault(request.request_id, [])
         hashes = self._block_hashes(request)
         for index in range(start, num_full):
-            self.pool.cache_block(table[index], hashes[index])
+            if len(chain) < index:
+                break  # the chain broke at an earlier block
+            parent = chain[index - 1] if index else None
+            tokens = self._block_tokens(request, index)
+            self.pool.cache_block(table[index], hashes[index], tokens, parent)
+            cached = self.pool.get_cached_block(hashes[index], tokens, parent)
+            if cached is None:
+                break
+            chain.append(cached)
         self._num_hashed_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, last first: its tail is evicted before its prefix."""
         table = self.block_tables.pop(request.request_id, [])
         self._num_hashed_blocks.pop(request.request_id, None)
+        self._chains.pop(request.request_id, None)
         self.pool.free_blocks(list(reversed(table)))
+
+    def _block_tokens(self, request: Request, index: int) -> list[int]:
+        return request.all_token_ids[index * self.block_size:(index + 1) * self.block_size]
 
     def _block_hashes(self, request: Request) -> list[BlockHash]:
         """Chained hashes of the request's full blocks, extended as its tokens grow."""
         hashes = request.block_hashes
-        tokens = request.all_token_ids
-        while (len(hashes) + 1) * self.block_size <= len(tokens):
-            begin = len(hashes) * self.block_size
+        while (len(hashes) + 1) * self.block_size <= request.num_tokens:
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None,
-                                            tokens[begin:begin + self.block_size]))
+                                            self._block_tokens(request, len(hashes))))
         return hashes

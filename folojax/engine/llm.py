@@ -53,11 +53,13 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, max_logprobs: int = 20):
+        _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)
         self.model = load_model(model, dtype, load_tokenizer=not skip_tokenizer_init,
                                 tokenizer=tokenizer)
         config = self.model.config
-        max_model_len = max_model_len or config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = config.max_position_embeddings
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 1024 if enable_chunked_prefill else max_model_len
         kv_cache = KVCacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
@@ -73,6 +75,7 @@ class LLM:
             max_model_len=max_model_len,
             dtype=np.dtype(self.model.dtype).name,
             kv_cache=kv_cache,
+            max_logprobs=max_logprobs,
         )
         self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
         self._request_counter = itertools.count()
@@ -156,6 +159,17 @@ class LLM:
                 if request["request_id"] not in finished:
                     engine.abort_request(request["request_id"])
         return [finished[r["request_id"]] for r in requests]
+
+
+def _check_engine_args(seed, max_model_len, max_logprobs) -> None:
+    """The checks that need no model, made before it loads."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"LLM seed must be an int in [0, 2**64), got {seed!r}")
+    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(
+            max_model_len, int) or max_model_len <= 0):
+        raise ValueError(f"max_model_len must be a positive int or None, got {max_model_len!r}")
+    if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+        raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
 
 
 def _num_kv_blocks(config: ModelConfig, dtype, block_size: int, num_kv_blocks: int | None,

@@ -1,5 +1,6 @@
-"""A request inside the engine (host side): its tokens, how many of them the cache holds, its
-status, and its randomness. Stop rules and text live in its Sequence."""
+"""A request inside the engine (host side), in one place: its prompt, sampling parameters and
+randomness, its tokens and how many of them the cache holds, its status, and its output (text,
+logprobs, stop rules, timings)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import time
 
 import numpy as np
 
-from folojax.engine.sequence import Sequence
+from folojax.outputs import RequestMetrics
 from folojax.sampling_params import SamplingParams
+from folojax.tokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -29,24 +31,34 @@ class Request:
     """One completion being generated. A request with SamplingParams(n=k) forks k - 1 children
     once its prompt is computed; each child is a Request of its own with n=1.
 
-    The cache holds (or a scheduled step will write) the first `num_computed_tokens` of its
-    tokens: `all_token_ids` (prompt + outputs read back so far) followed by
-    `num_output_placeholders` tokens that steps still in flight have sampled. The scheduler gives
-    each request the tokens it still needs, and a request samples its next token in a step that
-    computes all of them.
+    Its tokens are `all_token_ids`: `num_prefix_tokens` tokens the cache already held before it
+    (folojax.generate continuing a cache row; their ids are not known and read as 0), the prompt,
+    then the outputs read back so far; then `num_output_placeholders` tokens that steps still in
+    flight have sampled. The cache holds (or a scheduled step will write) the first
+    `num_computed_tokens`. The scheduler gives each request the tokens it still needs, and a
+    request samples its next token in a step that computes all of them.
+
+    Stop rules, in vLLM's order: EOS (unless ignore_eos) and stop_token_ids, then stop strings
+    (the text is cut before the stop string), then max_tokens and `max_total_len` (the positions
+    it may fill). Nothing stops a request before min_tokens outputs.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                 key_data: np.ndarray, sequence: Sequence, arrival_time: float | None = None,
-                 group_id: str | None = None, completion_index: int = 0):
+                 key_data: np.ndarray, *, eos_token_ids: tuple[int, ...] = (),
+                 max_total_len: int, tokenizer=None, arrival_time: float | None = None,
+                 group_id: str | None = None, completion_index: int = 0,
+                 num_prefix_tokens: int = 0):
         self.request_id = request_id
         self.group_id = request_id if group_id is None else group_id  # the user's request id
         self.completion_index = completion_index  # which of the group's n completions
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
         self.key_data = key_data  # uint32 [2]: this completion's PRNG key
-        self.sequence = sequence
-        self.all_token_ids = list(prompt_token_ids)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_total_len = max_total_len
+        self.tokenizer = tokenizer
+        self.num_prefix_tokens = num_prefix_tokens
+        self.all_token_ids = [0] * num_prefix_tokens + list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_output_placeholders = 0  # sampled by steps in flight, not read back yet
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache
@@ -54,8 +66,26 @@ class Request:
         self.status = RequestStatus.WAITING
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
-        self.block_hashes: list[int] = []  # chained hashes of full blocks, filled lazily
+        self.block_hashes: list[bytes] = []  # chained hashes of full blocks, filled lazily
         self.num_children_to_fork = sampling.n - 1
+        # The output.
+        self.logprobs: list[dict[int, float]] | None = [] if sampling.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if sampling.logprobs is not None else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens)
+                            if tokenizer is not None else None)
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    def fork(self, request_id: str, sampling: SamplingParams, key_data: np.ndarray,
+             completion_index: int) -> Request:
+        """A sibling completion of the same prompt (prompt computed: it waits for no tokens)."""
+        return Request(request_id, self.prompt_token_ids, sampling, key_data,
+                       eos_token_ids=tuple(self.eos_token_ids), max_total_len=self.max_total_len,
+                       tokenizer=self.tokenizer, arrival_time=self.arrival_time,
+                       group_id=self.group_id, completion_index=completion_index)
 
     @property
     def num_tokens(self) -> int:
@@ -66,27 +96,113 @@ class Request:
         return self.num_tokens + self.num_output_placeholders
 
     @property
-    def finishes_in_flight(self) -> bool:
-        """Whether the tokens in flight bring it to max_tokens or the cache's room: there is
-        nothing more to schedule for it."""
-        return self.num_output_placeholders > 0 and self.sequence.reaches_length(
-            len(self.output_token_ids) + self.num_output_placeholders)
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prefix_tokens - self.num_prompt_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.sequence.token_ids
+        return self.all_token_ids[self.num_prefix_tokens + self.num_prompt_tokens:]
 
     @property
     def finished(self) -> bool:
         return self.status.finished
 
+    @property
+    def finishes_in_flight(self) -> bool:
+        """Whether the tokens in flight bring it to max_tokens or its room: there is nothing more
+        to schedule for it."""
+        return self.num_output_placeholders > 0 and self.reaches_length(
+            self.num_output_tokens + self.num_output_placeholders)
+
+    def reaches_length(self, num_outputs: int) -> bool:
+        """Whether `num_outputs` outputs reach max_tokens or fill the positions it may fill."""
+        max_tokens = self.sampling.max_tokens
+        return ((max_tokens is not None and num_outputs >= max_tokens)
+                or self.num_prefix_tokens + self.num_prompt_tokens + num_outputs
+                >= self.max_total_len)
+
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
-        self.sequence.append(token_id, logprobs)
+        """Appends a sampled token and applies the stop rules."""
+        now = time.perf_counter()
+        if self.first_token_time is None:
+            self.first_token_time = now
         self.all_token_ids.append(token_id)
-        if self.sequence.finished:
-            self.status = (RequestStatus.FINISHED_STOPPED if self.sequence.finish_reason == "stop"
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id]
+        sampling = self.sampling
+        may_stop = self.num_output_tokens >= sampling.min_tokens
+        if may_stop and not sampling.ignore_eos and token_id in self.eos_token_ids:
+            self._finish("stop", None, token_id)
+        elif may_stop and token_id in sampling.stop_token_ids:
+            self._finish("stop", token_id, token_id)
+        else:
+            self._add_text(token_id, may_stop)
+        if self.finish_reason is None and self.reaches_length(self.num_output_tokens):
+            self._finish("length")
+        if self.finish_reason is not None:
+            self.finish_time = now
+            self.status = (RequestStatus.FINISHED_STOPPED if self.finish_reason == "stop"
                            else RequestStatus.FINISHED_LENGTH)
+
+    def _add_text(self, token_id: int, may_stop: bool) -> None:
+        if self.detokenizer is None:
+            return
+        delta = self.detokenizer.add(token_id)
+        if not delta:
+            return
+        # A stop string may start in text already emitted and end in this delta.
+        searched_from = max(0, len(self.text) - max((len(s) for s in self.sampling.stop),
+                                                    default=0) + 1)
+        self.text += delta
+        if may_stop and self.sampling.stop:
+            self._check_stop_strings(searched_from)
+
+    def _check_stop_strings(self, searched_from: int) -> None:
+        hits = [(self.text.find(s, searched_from), s) for s in self.sampling.stop]
+        hits = [(index, s) for index, s in hits if index >= 0]
+        if hits:
+            index, stop = min(hits)
+            keep = index + len(stop) if self.sampling.include_stop_str_in_output else index
+            self.text = self.text[:keep]
+            self.finish_reason, self.stop_reason = "stop", stop
+
+    def _finish(self, reason: str, stop_reason=None, stop_token: int | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        if self.detokenizer is None:
+            return
+        if stop_token is not None and self.sampling.include_stop_str_in_output:
+            self.text += self.detokenizer.add(stop_token)
+        self.text += self.detokenizer.flush()
+
+    def metrics(self) -> RequestMetrics:
+        end = self.finish_time or time.perf_counter()
+        first = self.first_token_time or end
+        num = self.num_output_tokens
+        scheduled = self.first_scheduled_time
+        return RequestMetrics(ttft=first - self.arrival_time,
+                              tpot=(end - first) / (num - 1) if num > 1 else 0.0,
+                              e2e_latency=end - self.arrival_time, num_output_tokens=num,
+                              queue_time=(scheduled - self.arrival_time) if scheduled is not None
+                              else 0.0)
+
+
+def read_sampled(tokens, logprobs, num_logprobs: list[int | None]) -> list[tuple[int, dict | None]]:
+    """Reads one step's sampled tokens back from the device: per row, (token id, {token id:
+    logprob} of its top num_logprobs[row] and of the token itself, or None if not asked)."""
+    tokens = np.asarray(tokens)
+    if logprobs is not None:
+        chosen, top_ids, top_values = (np.asarray(a) for a in logprobs)
+    rows = []
+    for row, n in enumerate(num_logprobs):
+        step_logprobs = None
+        if n is not None:
+            step_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(),
+                                     strict=True))
+            step_logprobs[int(tokens[row])] = float(chosen[row])
+        rows.append((int(tokens[row]), step_logprobs))
+    return rows

@@ -10,16 +10,16 @@ their checkpoint layout, which XLA reads faster on CPU than stacked weights unde
 """
 
 import collections
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from folojax.config import ModelConfig
 from folojax.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu_mlp
+from folojax.model.rope import rope_inv_freq
 from folojax.ops.attention import causal_attention
-from folojax.ops.kv_cache import KVCache, read_layer, write_layer
 
 # How many times each jitted function has been traced (= compiled), by name. Bucketing keeps these
 # small; tests and `folojax bench` read them through num_compiles().
@@ -52,7 +52,8 @@ def project_qkv(x, layer, config: ModelConfig, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, cache, keep=None):
+def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, cache, keep=None,
+                   rope_length: int | None = None):
     """Runs every layer over token_ids [batch, seq] at `positions` [batch, seq]; returns the
     final-normed hidden states [batch, seq, hidden] and the cache.
 
@@ -65,9 +66,13 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
     runs its output projection and MLP for those tokens alone (every token's keys and values
     are still written). A prefill chunk samples from one token at most, so the rest of the
     chunk skips the last layer's output projection and MLP.
+
+    rope_length: the sequence length RoPE's frequencies are for (folojax/model/rope.py);
+    default max_position_embeddings.
     """
     x = params["embed"][token_ids]
-    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
+    cos, sin = rope_cos_sin(positions, *rope_inv_freq(
+        config, rope_length or config.max_position_embeddings))
     last = len(params["layers"]) - 1
     for layer_index, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
@@ -81,27 +86,6 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 
 
-def decoder_hidden(params, config: ModelConfig, token_ids, positions, valid, kv_lengths,
-                   cache: KVCache | None = None, kv_len: int = 0, keep=None):
-    """The decoder over a contiguous cache (or none): [batch, seq] in, hidden states out (of
-    the `keep` tokens alone, if given: see decoder_layers).
-
-    Without a cache the queries attend to this call's own keys; with one, the new keys are
-    written at `positions` and the queries attend to the cache's first `kv_len` positions.
-    """
-
-    def attend(layer_index, q, k, v, cache):
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, dim]
-        if cache is None:
-            keys, values = k, v
-        else:
-            cache = write_layer(cache, layer_index, k, v, positions, valid)
-            keys, values = read_layer(cache, layer_index, kv_len)
-        return causal_attention(q, keys, values, positions, kv_lengths), cache
-
-    return decoder_layers(params, config, token_ids, positions, attend, cache, keep)
-
-
 def lm_head(params, hidden: jax.Array) -> jax.Array:
     """Logits in float32; a tied head reads the embedding [vocab, hidden] without copying it."""
     weight = params.get("lm_head", params["embed"])
@@ -113,64 +97,28 @@ def _forward(params, config: ModelConfig, token_ids):
     count_compile("forward")
     batch, seq = token_ids.shape
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    valid = jnp.ones((batch, seq), bool)
-    hidden, _ = decoder_hidden(params, config, token_ids, positions, valid,
-                               jnp.full((batch,), seq))
+    lengths = jnp.full((batch,), seq)
+
+    def attend(layer_index, q, k, v, cache):  # each row attends to its own keys: no cache
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, dim]
+        return causal_attention(q, k, v, positions, lengths), cache
+
+    hidden, _ = decoder_layers(params, config, token_ids, positions, attend, None,
+                               rope_length=seq)
     return lm_head(params, hidden)
 
 
 def forward(params, config: ModelConfig, token_ids) -> jax.Array:
-    """Logits [batch, seq, vocab] (float32) for token ids [batch, seq]; needs no cache."""
-    token_ids = jnp.asarray(token_ids, jnp.int32)
-    if token_ids.ndim == 1:
-        token_ids = token_ids[None]
-    return _forward(params, config, token_ids)
-
-
-def cached_step(params, cache: KVCache, token_ids, num_tokens, config: ModelConfig, kv_len: int):
-    """Appends up to seq new tokens per row to the cache; returns each row's last-token logits.
-
-    token_ids [batch, seq]: row b's first num_tokens[b] entries are real, the rest padding
-    (num_tokens[b] = 0 leaves row b untouched). Covers prefill (seq > 1) and decode (seq = 1).
-    Returns logits [batch, vocab] float32 and the cache with lengths advanced.
-    """
-    seq = token_ids.shape[1]
-    offsets = jnp.arange(seq)[None, :]
-    positions = cache.lengths[:, None] + offsets
-    valid = offsets < num_tokens[:, None]
-    kv_lengths = cache.lengths + num_tokens
-    last = jnp.maximum(num_tokens - 1, 0)
-    hidden, cache = decoder_hidden(params, config, token_ids, positions, valid, kv_lengths,
-                                   cache, kv_len, keep=last[:, None])
-    cache = dataclasses.replace(cache, lengths=kv_lengths)
-    return lm_head(params, hidden[:, 0]), cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "kv_len"), donate_argnames=("cache",))
-def _jitted_step(params, cache, token_ids, num_tokens, config, kv_len):
-    count_compile("step")
-    return cached_step(params, cache, token_ids, num_tokens, config, kv_len)
-
-
-def prefill(params, cache: KVCache, token_ids, num_tokens, config: ModelConfig,
-            kv_len: int | None = None):
-    """Writes prompts [batch, seq] (row b: num_tokens[b] real tokens) after each row's cached
-    tokens; returns (last-token logits [batch, vocab], new cache). Donates `cache`.
-
-    kv_len (static) bounds the keys attended to; it must cover every row's new length. Default:
-    the whole cache.
-    """
-    kv_len = cache.max_seq_len if kv_len is None else kv_len
-    return _jitted_step(params, cache, jnp.asarray(token_ids, jnp.int32),
-                        jnp.asarray(num_tokens, jnp.int32), config, kv_len)
-
-
-def decode_step(params, cache: KVCache, token_ids, config: ModelConfig, active=None,
-                kv_len: int | None = None):
-    """Appends one token per row (rows where `active` is False are left as they are); returns
-    (logits [batch, vocab], new cache). Donates `cache`."""
-    token_ids = jnp.asarray(token_ids, jnp.int32).reshape(-1, 1)
-    num_tokens = (jnp.ones(token_ids.shape[0], jnp.int32) if active is None
-                  else jnp.asarray(active, jnp.int32))
-    kv_len = cache.max_seq_len if kv_len is None else kv_len
-    return _jitted_step(params, cache, token_ids, num_tokens, config, kv_len)
+    """Logits [batch, seq, vocab] (float32) for token ids [batch, seq]: the dense reference,
+    with no cache."""
+    ids = np.asarray(token_ids)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"token_ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+        raise ValueError(f"token_ids has ids outside [0, {config.vocab_size}): "
+                         f"{bad[:5].tolist()}")
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    return _forward(params, config, ids)

@@ -1,22 +1,110 @@
-"""The jitted step of generation: run the decoder over new tokens, then sample from its logits.
-
-Fusing the two keeps the [batch, vocab] logits on the device; only the sampled ids cross back.
+"""The device step: the decoder over a flat batch of decode rows and prefill chunks, reading and
+writing the paged cache, then either sampling (paged_step, for generation) or returning logits
+(paged_logits, for folojax.prefill and decode_step). Both are jitted once per shape bucket and
+donate the cache; the logits never leave the device in paged_step.
 """
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
-from folojax.model.decoder import cached_step, count_compile
-from folojax.ops.sampling import SamplerFlags, SamplerState, SamplingTensors, sample
+from folojax.config import ModelConfig
+from folojax.model.decoder import count_compile, decoder_layers, lm_head
+from folojax.ops.paged_attention import ChunkSizes, paged_attention
+from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
+from folojax.ops.sampling import SamplerFlags, SamplerState, sample
+from folojax.ops.step_inputs import SamplerInputs, StepInputs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "kv_len", "flags"),
-                   donate_argnames=("cache", "sampler_state"))
-def step_and_sample(params, cache, token_ids, num_tokens, sampling: SamplingTensors,
-                    sampler_state: SamplerState, config, kv_len: int, flags: SamplerFlags):
-    """Returns (tokens [batch], logprobs or None, new cache, new sampler state)."""
-    count_compile("step_and_sample")
-    logits, cache = cached_step(params, cache, token_ids, num_tokens, config, kv_len)
-    tokens, logprobs, sampler_state = sample(logits, sampling, sampler_state, flags)
-    return tokens, logprobs, cache, sampler_state
+def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs,
+                 chunks: ChunkSizes):
+    """Final hidden states [sampling rows, hidden] of the tokens that get logits
+    (inputs.sample_indices), and the cache with every token's keys and values written."""
+    num_rows = inputs.num_decode_rows
+
+    def attend(layer_index, q, k, v, cache):
+        q, k, v = q[0], k[0], v[0]  # one flat "batch" of tokens
+        cache = write_slots(cache, layer_index, k, v, inputs.slot_mapping)
+        k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
+        decode = paged_attention(q[:num_rows, None], k_cache, v_cache, inputs.decode_items,
+                                 inputs.positions[:num_rows, None], chunks.decode_items,
+                                 chunks.kernel)[:, 0]
+        if inputs.tile_token_indices.shape[0] == 0:  # static: a decode-only step
+            return decode[None], cache
+        # Prefill tiles gather their queries from the flat prefill tokens, and scatter back.
+        prefill_q = jnp.take(q[num_rows:], inputs.tile_token_indices, axis=0, mode="fill",
+                             fill_value=0)  # [tiles, PREFILL_TILE, heads, head_dim]
+        tiles = paged_attention(prefill_q, k_cache, v_cache, inputs.prefill_items,
+                                inputs.tile_positions, chunks.prefill_items, chunks.kernel)
+        prefill = tiles.reshape(-1, *q.shape[1:])[inputs.token_tile_indices]
+        out = jnp.concatenate([decode, prefill])
+        return out[None], cache
+
+    hidden, cache = decoder_layers(params, config, inputs.token_ids[None],
+                                   inputs.positions[None], attend, cache,
+                                   keep=inputs.sample_indices[None])
+    return hidden[0], cache
+
+
+def _sampler_state(sampler: SamplerInputs, previous_tokens, vocab_size: int,
+                   flags: SamplerFlags) -> SamplerState:
+    """Rebuilds the vocab-sized sampler state from token-id lists (only what the flags use); an
+    output still in flight is read from previous_tokens."""
+    rows = jnp.arange(sampler.num_generated.shape[0])[:, None]
+
+    def mask(ids, width):
+        return jnp.zeros((rows.shape[0], width), bool).at[rows, ids].set(True, mode="drop")
+
+    width = vocab_size if flags.use_penalties else 1
+    counts = jnp.zeros((rows.shape[0], width), jnp.int32)
+    if flags.use_penalties:
+        counts = counts.at[rows, sampler.output_token_ids].add(1, mode="drop")
+        in_flight = jnp.where(sampler.output_sources >= 0,
+                              previous_tokens[jnp.maximum(sampler.output_sources, 0)], vocab_size)
+        counts = counts.at[rows[:, 0], in_flight].add(1, mode="drop")
+    return SamplerState(
+        num_generated=sampler.num_generated,
+        output_counts=counts,
+        prompt_mask=mask(sampler.prompt_token_ids, width),
+        stop_token_mask=mask(sampler.banned_token_ids,
+                             vocab_size if flags.use_min_tokens else 1),
+    )
+
+
+def _with_in_flight_tokens(inputs: StepInputs, previous_tokens) -> StepInputs:
+    return dataclasses.replace(inputs, token_ids=jnp.where(
+        inputs.token_sources >= 0, previous_tokens[jnp.maximum(inputs.token_sources, 0)],
+        inputs.token_ids))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags", "chunks"),
+                   donate_argnames=("cache",))
+def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: SamplerInputs,
+               previous_tokens, config: ModelConfig, flags: SamplerFlags, chunks: ChunkSizes):
+    """Returns (tokens [max rows], logprobs or None, new cache). Donates `cache`.
+
+    previous_tokens [max rows]: the tokens of the step before, which may still be in flight (as
+    this step returns its own: sampling rows first, padded to a fixed width, so the shape never
+    recompiles); a token whose `inputs.token_sources` entry is a row of it is read from there.
+    """
+    count_compile("paged_step")
+    hidden, cache = paged_hidden(params, config, cache,
+                                 _with_in_flight_tokens(inputs, previous_tokens), chunks)
+    logits = lm_head(params, hidden)
+    tensors = dataclasses.replace(sampler.tensors,
+                                  keys=jax.random.wrap_key_data(sampler.tensors.keys))
+    state = _sampler_state(sampler, previous_tokens, config.vocab_size, flags)
+    tokens, logprobs, _ = sample(logits, tensors, state, flags)
+    tokens = jnp.zeros_like(previous_tokens).at[:tokens.shape[0]].set(tokens)
+    return tokens, logprobs, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunks"), donate_argnames=("cache",))
+def paged_logits(params, cache: PagedKVCache, inputs: StepInputs, config: ModelConfig,
+                 chunks: ChunkSizes):
+    """Returns (logits [sampling rows, vocab] float32, new cache). Donates `cache`."""
+    count_compile("paged_logits")
+    hidden, cache = paged_hidden(params, config, cache, inputs, chunks)
+    return lm_head(params, hidden), cache

@@ -19,6 +19,7 @@ import tempfile
 import jax
 import jaxlib
 
+from folojax.compilation_cache import cache_root
 from folojax.env import switched_off
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> pathlib.Path:
-    default = pathlib.Path.home() / ".cache" / "folojax"
-    return pathlib.Path(os.environ.get("FOLOJAX_CACHE_DIR", default)) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

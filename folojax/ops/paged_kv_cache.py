@@ -16,15 +16,30 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from folojax.config import ModelConfig
+from folojax.config import CacheConfig, ModelConfig
+
+ROW_BLOCK_SIZE = 16  # tokens per block of init_cache's rows
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "block_tables",
+                                                                  "lengths"],
+                   meta_fields=["max_seq_len"])
 @dataclasses.dataclass
 class PagedKVCache:
     k: list[jax.Array]  # per layer: [num_blocks, num_kv_heads, block_size, head_dim]
     v: list[jax.Array]  # per layer: [num_blocks, num_kv_heads, block_size, head_dim]
+    # Fixed rows (init_cache) only; None in the engine's pool, whose tables live on the host.
+    block_tables: jax.Array | None = None  # [rows, blocks per row] int32
+    lengths: jax.Array | None = None  # [rows] int32: tokens each row holds
+    max_seq_len: int | None = None  # tokens a row may hold
+
+    @property
+    def batch_size(self) -> int:
+        if self.block_tables is None:
+            raise ValueError("this cache is an engine's block pool: it has no rows")
+        return self.block_tables.shape[0]
 
     @property
     def num_blocks(self) -> int:
@@ -46,6 +61,24 @@ def init_paged_cache(config: ModelConfig, num_blocks: int, block_size: int,
                         v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)])
 
 
+def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int,
+               dtype=jnp.float32) -> PagedKVCache:
+    """An empty cache of `batch_size` rows of up to `max_seq_len` tokens each: row b owns blocks
+    [b * blocks per row, (b + 1) * blocks per row)."""
+    CacheConfig(max_seq_len=max_seq_len, batch_size=batch_size)  # validates both
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    blocks_per_row = -(-max_seq_len // ROW_BLOCK_SIZE)
+    cache = init_paged_cache(config, batch_size * blocks_per_row, ROW_BLOCK_SIZE, dtype)
+    tables = np.arange(batch_size * blocks_per_row, dtype=np.int32).reshape(batch_size, -1)
+    return dataclasses.replace(cache, block_tables=jnp.asarray(tables),
+                               lengths=jnp.zeros((batch_size,), jnp.int32),
+                               max_seq_len=max_seq_len)
+
+
 def cache_bytes_per_token(config: ModelConfig, dtype) -> int:
     """Bytes of keys and values one token takes in every layer."""
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
@@ -62,7 +95,7 @@ def write_slots(cache: PagedKVCache, layer: int, k: jax.Array, v: jax.Array,
         k.astype(cache.k[layer].dtype), mode="drop")
     new_v[layer] = cache.v[layer].at[blocks, :, offsets].set(
         v.astype(cache.v[layer].dtype), mode="drop")
-    return PagedKVCache(new_k, new_v)
+    return dataclasses.replace(cache, k=new_k, v=new_v)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -73,4 +106,4 @@ def copy_blocks(cache: PagedKVCache, source_blocks: jax.Array,
     def copy(layer):
         return layer.at[destination_blocks].set(layer[source_blocks], mode="drop")
 
-    return PagedKVCache([copy(k) for k in cache.k], [copy(v) for v in cache.v])
+    return dataclasses.replace(cache, k=[copy(k) for k in cache.k], v=[copy(v) for v in cache.v])

@@ -102,12 +102,13 @@ def _undo_llama_rope_permutation(weight: np.ndarray, num_heads: int) -> np.ndarr
     return weight.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, list[str], callable]:
-    """Returns (config, HF tensor names, load(name) -> float32 numpy) for a GGUF file."""
+def read_gguf(path: str | os.PathLike, reader=None) -> tuple[ModelConfig, list[str], callable]:
+    """Returns (config, HF tensor names, load(name) -> float32 numpy) for a GGUF file (`reader`:
+    the file already opened by open_gguf, which parses all its metadata: open it once)."""
     import gguf
 
     path = os.fspath(path)
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {_hf_name(t.name): t for t in reader.tensors}
     permute_heads = {"self_attn.q_proj.weight": config.num_heads,

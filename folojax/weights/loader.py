@@ -12,7 +12,7 @@ import numpy as np
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
-from folojax.weights.gguf import read_gguf
+from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.params import build_params
 from folojax.weights.safetensors import read_safetensors
 
@@ -114,8 +114,9 @@ def _read_hf_directory(path: str) -> tuple[ModelConfig, list[str], callable]:
 
 
 def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = True,
-               tokenizer: str | None = None) -> Model:
-    """Loads config, params (as device arrays of `dtype`) and, unless told not to, the tokenizer."""
+               tokenizer: str | None = None, progress: bool = True) -> Model:
+    """Loads config, params (as device arrays of `dtype`) and, unless told not to, the tokenizer;
+    `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once."""
     path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
     gguf_file = path if path.endswith(".gguf") else None
@@ -123,8 +124,10 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
             os.path.join(path, "config.json")):
         candidates = sorted(glob.glob(os.path.join(path, "*.gguf")))
         gguf_file = candidates[0] if len(candidates) == 1 else None
+    reader = None
     if gguf_file:
-        config, names, load = read_gguf(gguf_file)
+        reader = open_gguf(gguf_file)
+        config, names, load = read_gguf(gguf_file, reader)
     elif os.path.isdir(path):
         config, names, load = _read_hf_directory(path)
     else:
@@ -134,10 +137,12 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     def convert(array: np.ndarray) -> jax.Array:
         return jnp.asarray(np.asarray(array).astype(numpy_dtype, copy=False))
 
-    params = build_params(config, names, load, convert, source=gguf_file or path)
+    params = build_params(config, names, load, convert, source=gguf_file or path,
+                          progress=progress)
     tok = None
     if load_tokenizer:
         from folojax.tokenizer import load_tokenizer as _load_tokenizer
 
-        tok = _load_tokenizer(tokenizer or gguf_file or path)
+        tok = _load_tokenizer(tokenizer or gguf_file or path,
+                              gguf_reader=reader if tokenizer is None else None)
     return Model(config=config, params=params, tokenizer=tok, path=gguf_file or path, dtype=dtype)

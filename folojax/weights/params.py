@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
@@ -69,6 +70,7 @@ def build_params(
     load: Callable[[str], np.ndarray],
     convert: Callable[[np.ndarray], object],
     source: str,
+    progress: bool = False,
 ) -> dict:
     """Checks every expected tensor is present exactly once with the right shape, then loads each.
 
@@ -101,7 +103,9 @@ def build_params(
             )
         return array
 
-    arrays = {name: get(name) for name in shapes}  # checked before anything is converted
+    names_bar = tqdm(shapes, desc="Loading weights", unit="tensor", disable=not progress,
+                     leave=False)
+    arrays = {name: get(name) for name in names_bar}  # checked before anything is converted
     params = {
         "embed": convert(arrays["model.embed_tokens.weight"]),
         "final_norm": convert(arrays["model.norm.weight"]),

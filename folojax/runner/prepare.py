@@ -1,34 +1,33 @@
-"""The boundary: one scheduler output -> fixed-shape numpy arrays for the device step.
+"""The boundary, host side: one scheduler output -> the fixed-shape arrays of one device step
+(folojax/ops/step_inputs.py says what each array means).
 
-Tokens are flat: first one row per decode (a request computing a single token), then the tokens
-of the prefill chunks, back to back. Prefill attention runs over tiles of PREFILL_TILE queries of
-one request, which gather their tokens from the flat prefill part (a chunk's last tile is padded;
-the flat tokens, which the dense layers compute, are not). Decode rows and prefill tiles attend
+A prefill chunk's last attention tile is padded; the flat tokens, which the dense layers
+compute, are not. Decode rows and prefill tiles attend
 through work items, one chunk of the row's (tile's) blocks each, up to its furthest query.
 Dimensions are padded to buckets (decode rows to multiples of 8 up to 64, sampling rows to 1, 2,
 4, then likewise; prefill tokens to multiples of 32 up to 128 and of 128 up to 1024, work items
 to multiples of 4 x items per iteration, powers of two beyond; tiles to powers of two), so the
-step compiles once per bucket combination.
-Padding tokens have position -1 (they see no key) and an out-of-range slot (their keys are
-dropped); padding sampling rows are greedy and ignored.
+step compiles once per bucket combination. Sampling rows follow the order of the scheduled
+requests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
-from folojax.engine.buckets import bucket, stepped_bucket
-from folojax.engine.request import Request
-from folojax.engine.sampling_inputs import PADDING_ROW, sampler_flags, sampling_tensors
-from folojax.engine.sampling_inputs import stop_token_ids as banned_token_ids
-from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
 from folojax.ops.paged_attention import ChunkSizes, WorkItems, chunk_blocks
-from folojax.ops.sampling import SamplerFlags, SamplingTensors
+from folojax.ops.sampling import SamplerFlags
+from folojax.ops.step_inputs import PREFILL_TILE, SamplerInputs, StepInputs
+from folojax.runner.buckets import bucket, stepped_bucket
+from folojax.runner.sampling_inputs import build_sampler
 
-PREFILL_TILE = 64  # queries per prefill attention row
+if TYPE_CHECKING:
+    from folojax.engine.request import Request
+    from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
+
 ROW_MULTIPLE = 8  # decode rows and sampling rows: 8, 16, ..., 64, 128, 256, ...
 SHORT_PREFILL_MULTIPLE = 32  # prefill tokens: 32, 64, 96, 128, then as below
 PREFILL_TOKEN_MULTIPLE = 128  # 256, 384, ..., 1024, 2048, ...
@@ -36,40 +35,6 @@ PREFILL_TOKEN_MULTIPLE = 128  # 256, 384, ..., 1024, 2048, ...
 
 def _padded(n: int, minimum: int) -> int:
     return 0 if n == 0 else bucket(n, minimum)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepInputs:
-    token_ids: np.ndarray  # [tokens] int32: decode rows, then prefill tokens
-    # [tokens]: the sampling row, in the step in flight, of a token not read back yet (it is
-    # taken from there on the device); -1 for the tokens in token_ids.
-    token_sources: np.ndarray
-    positions: np.ndarray  # [tokens] (-1 = padding)
-    slot_mapping: np.ndarray  # [tokens]: cache slot each token's keys go to (num_slots = drop)
-    decode_items: WorkItems  # attention work items of the decode rows
-    tile_token_indices: np.ndarray  # [tiles, PREFILL_TILE]: prefill token of each query
-    tile_positions: np.ndarray  # [tiles, PREFILL_TILE] (-1 = padding)
-    token_tile_indices: np.ndarray  # [prefill tokens]: where each sits in the flattened tiles
-    prefill_items: WorkItems  # attention work items of the prefill tiles
-    sample_indices: np.ndarray  # [sampling rows]: flat token whose logits each row samples from
-
-    @property
-    def num_decode_rows(self) -> int:
-        return self.token_ids.shape[0] - self.token_tile_indices.shape[0]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SamplerInputs:
-    """Per sampling row: parameters, key data (uint32 [2]) and what penalties and min_tokens
-    need, as token-id lists padded with vocab_size (out of range: ignored on device)."""
-
-    tensors: SamplingTensors
-    num_generated: np.ndarray  # [rows]
-    prompt_token_ids: np.ndarray  # [rows, width] (width 1 when no row uses penalties)
-    output_token_ids: np.ndarray  # [rows, width]
-    banned_token_ids: np.ndarray  # [rows, width]: stop tokens banned until min_tokens
 
 
 @dataclasses.dataclass
@@ -109,7 +74,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     positions = np.full(num_tokens, -1, np.int32)
     slot_mapping = np.full(num_tokens, num_slots, np.int32)
     token_sources = np.full(num_tokens, -1, np.int32)
-    sample_indices, sampling_requests = [], []
+    sample_index: dict[int, int] = {}  # id(scheduled item) -> flat token it samples from
 
     def place(start: int, item: ScheduledRequest) -> None:
         request, n, begin = item.request, item.num_new_tokens, item.start
@@ -123,8 +88,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         slot_mapping[start:start + n] = (table[positions[start:start + n] // block_size]
                                          * block_size + positions[start:start + n] % block_size)
         if item.samples:
-            sample_indices.append(start + n - 1)
-            sampling_requests.append(request)
+            sample_index[id(item)] = start + n - 1
 
     for row, item in enumerate(decodes):
         place(row, item)
@@ -148,9 +112,11 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     tile_positions = prefill_positions[tile_token_indices]
     tile_last_positions = tile_positions[:len(tile_tables)].max(axis=1, initial=-1)
 
-    num_sampling_rows = sampling_rows_bucket(len(sampling_requests))
+    sampling = [item for item in output.scheduled if item.samples]
+    sampling_requests = [item.request for item in sampling]
+    num_sampling_rows = sampling_rows_bucket(len(sampling))
     indices = np.zeros(num_sampling_rows, np.int32)
-    indices[:len(sample_indices)] = sample_indices
+    indices[:len(sampling)] = [sample_index[id(item)] for item in sampling]
     inputs = StepInputs(
         token_ids, token_sources, positions, slot_mapping,
         decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
@@ -162,7 +128,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
                                  chunks.prefill_items),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
-                                   eos_token_ids)
+                                   eos_token_ids, in_flight_rows)
     return StepBatch(inputs, sampler, flags, sampling_requests)
 
 
@@ -189,39 +155,3 @@ def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: 
         first += count
     return WorkItems(rows, blocks, starts,
                      num_iterations=np.int32(-(-num_real // items_per_iteration)))
-
-
-def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,
-                  eos_token_ids: tuple[int, ...]) -> tuple[SamplerInputs, SamplerFlags]:
-    samplings = [r.sampling for r in requests]
-    flags = sampler_flags(samplings)
-    rows = samplings + [PADDING_ROW] * (num_rows - len(requests))
-    keys = np.zeros((num_rows, 2), np.uint32)
-    if requests:
-        keys[:len(requests)] = np.stack([r.key_data for r in requests])
-    num_generated = np.zeros(num_rows, np.int32)
-    # The output index each row samples (its key is folded with it): outputs read back, plus
-    # those in flight before this step's own placeholder.
-    num_generated[:len(requests)] = [len(r.output_token_ids) + r.num_output_placeholders - 1
-                                     for r in requests]
-    if any(r.sampling.uses_penalties and r.num_output_placeholders > 1 for r in requests):
-        raise RuntimeError("penalties need every output token on the host: a request that "
-                           "uses them may have no token in flight")
-
-    def id_lists(lists: list[list[int]], used: bool) -> np.ndarray:
-        width = bucket(max((len(x) for x in lists), default=1), 16) if used else 1
-        array = np.full((num_rows, width), vocab_size, np.int32)
-        if used:
-            for row, ids in enumerate(lists):
-                array[row, :len(ids)] = ids
-        return array
-
-    sampler = SamplerInputs(
-        tensors=sampling_tensors(rows, keys),
-        num_generated=num_generated,
-        prompt_token_ids=id_lists([r.prompt_token_ids for r in requests], flags.use_penalties),
-        output_token_ids=id_lists([r.output_token_ids for r in requests], flags.use_penalties),
-        banned_token_ids=id_lists([banned_token_ids(r.sampling, eos_token_ids)
-                                   for r in requests], flags.use_min_tokens),
-    )
-    return sampler, flags

@@ -1,0 +1,40 @@
+"""The checks every request passes before it is queued (LLMEngine and folojax.generate alike):
+a request that could never run raises here, naming the problem, and nothing is queued."""
+
+import numpy as np
+
+from folojax.sampling_params import SamplingParams
+
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's default limit on SamplingParams.logprobs
+
+
+def validate_prompt(prompt, vocab_size: int, room: int, where: str = "prompt") -> None:
+    """Raises for a prompt that is not a non-empty list of token ids in the vocab, or leaves no
+    room to generate."""
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"{where} must be a list of token ids, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{where} is empty: at least one token is needed")
+    bad = [t for t in prompt if isinstance(t, (bool, np.bool_))
+           or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where} has invalid token ids (ids are ints in [0, {vocab_size})): "
+                         f"{bad[:5]}")
+    if len(prompt) >= room:
+        raise ValueError(
+            f"{where} has {len(prompt)} tokens but max_model_len leaves room for {room} in total "
+            f"(prompt plus at least one generated token)"
+        )
+
+
+def validate_request(prompt, sampling, *, vocab_size: int, room: int, has_tokenizer: bool,
+                     max_logprobs: int = DEFAULT_MAX_LOGPROBS, where: str = "prompt") -> None:
+    """Raises ValueError / TypeError for a request that cannot run."""
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"expected SamplingParams, got {type(sampling).__name__}")
+    if sampling.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer (none was loaded or given)")
+    if sampling.logprobs is not None and sampling.logprobs > max_logprobs:
+        raise ValueError(f"SamplingParams.logprobs={sampling.logprobs} exceeds max_logprobs="
+                         f"{max_logprobs}")
+    validate_prompt(prompt, vocab_size, room, where)

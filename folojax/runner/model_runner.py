@@ -1,0 +1,90 @@
+"""ModelRunner: the params, the device cache, the attention implementation and the jitted step,
+behind `execute(scheduler output, previous step) -> step`. The engine core and folojax.generate
+both drive it; tensor parallelism, speculative decoding and warm-up belong here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from folojax.config import ModelConfig
+from folojax.model.step import paged_logits, paged_step
+from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes
+from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks
+from folojax.runner.prepare import StepBatch, build_step, sampling_rows_bucket
+
+if TYPE_CHECKING:
+    from folojax.engine.scheduler import SchedulerOutput
+
+
+@dataclasses.dataclass
+class StepResult:
+    """A dispatched step: what was scheduled, its arrays, and its results (device arrays, maybe
+    still being computed)."""
+
+    output: SchedulerOutput
+    batch: StepBatch
+    tokens: jax.Array  # [max sampling rows]: sampling rows first
+    logprobs: tuple | None
+
+    def in_flight_rows(self) -> dict[str, int]:
+        """Request id -> its sampling row in this step."""
+        return {r.request_id: row for row, r in enumerate(self.batch.sampling_requests)}
+
+
+class ModelRunner:
+    def __init__(self, params, config: ModelConfig, cache: PagedKVCache, max_num_seqs: int,
+                 eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None):
+        self.params = params
+        self.config = config
+        self.cache = cache
+        self.eos_token_ids = config.eos_token_ids if eos_token_ids is None else eos_token_ids
+        self.chunks = chunks or default_chunk_sizes(dtype=cache.k[0].dtype)
+        # A step's tokens come back padded to the most sampling rows a step can have.
+        self._no_tokens = np.zeros(sampling_rows_bucket(max_num_seqs), np.int32)
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
+                previous: StepResult | None = None) -> StepBatch:
+        return build_step(output, block_tables, self.block_size, self.cache.num_slots,
+                          self.config.vocab_size, self.eos_token_ids, self.chunks,
+                          previous.in_flight_rows() if previous is not None else None)
+
+    def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
+                previous: StepResult | None = None) -> StepResult:
+        """Performs the output's block copies, then dispatches the step without waiting for it.
+        Tokens the previous step (maybe still in flight) samples are read from it on the
+        device."""
+        if output.block_copies:
+            self.cache = copy_blocks(self.cache, *_copy_block_arrays(output.block_copies,
+                                                                     self.cache.num_blocks))
+        batch = self.prepare(output, block_tables, previous)
+        previous_tokens = previous.tokens if previous is not None else self._no_tokens
+        tokens, logprobs, self.cache = paged_step(self.params, self.cache, batch.inputs,
+                                                  batch.sampler, previous_tokens, self.config,
+                                                  batch.flags, self.chunks)
+        return StepResult(output, batch, tokens, logprobs)
+
+    def logits(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> jax.Array:
+        """Writes the scheduled tokens' keys and values; returns the logits [sampling rows,
+        vocab] of each sampling request's last token, in scheduled order (padding rows last)."""
+        batch = self.prepare(output, block_tables)
+        logits, self.cache = paged_logits(self.params, self.cache, batch.inputs, self.config,
+                                          self.chunks)
+        return logits
+
+
+def _copy_block_arrays(copies, num_blocks: int):
+    """(source, destination) block ids, padded to a power of two with dropped destinations."""
+    num = 1 << (len(copies) - 1).bit_length()
+    source = np.zeros(num, np.int32)
+    destination = np.full(num, num_blocks, np.int32)
+    source[:len(copies)], destination[:len(copies)] = zip(*copies, strict=True)
+    return source, destination
