@@ -24,6 +24,44 @@ from folojax.weights.loader import load_model, resolve_dtype, resolve_model_path
 
 
 @dataclasses.dataclass
+class StreamingLimit:
+    """What batch-1 decode is bound by: the bytes of weights a token reads, and the rate this
+    machine streams weights through a matrix-vector product (numpy, measured now)."""
+
+    weight_bytes: int
+    bytes_per_second: float
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.weight_bytes / self.bytes_per_second
+
+
+def decode_weight_bytes(params) -> int:
+    """Bytes of weights one decode token reads: all of them, but only a row of an untied
+    embedding."""
+    total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    return total - (params.embed.nbytes if params.lm_head is not None else 0)
+
+
+def measure_streaming_rate(num_bytes: int, repeats: int = 5) -> float:
+    """Bytes per second of numpy float32 matrix-vector products over `num_bytes` of matrices
+    (1,024 columns each; at least 256 MB, so the caches don't hold them); best of `repeats`."""
+    columns = 1024
+    rows = max(num_bytes, 256 << 20) // (4 * columns)
+    matrices = [np.ones((chunk, columns), np.float32)
+                for chunk in [4096] * (rows // 4096) + ([rows % 4096] if rows % 4096 else [])]
+    vector = np.ones(columns, np.float32)
+    total = sum(m.nbytes for m in matrices)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for matrix in matrices:
+            matrix @ vector
+        best = min(best, time.perf_counter() - start)
+    return total / best
+
+
+@dataclasses.dataclass
 class BenchResult:
     name: str
     ttft: float  # seconds: prefill of the whole batch + first token
@@ -45,6 +83,31 @@ class BenchResult:
 def workload(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
+
+
+def bench_llm(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
+    """The same workload through folojax.LLM (the engine), on the already loaded model."""
+    from folojax.engine.llm import LLM
+
+    llm = LLM.from_model(model, max_model_len=len(prompts[0]) + max_tokens,
+                         max_num_seqs=len(prompts))
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+
+    def run():
+        start = time.perf_counter()
+        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        return outputs, time.perf_counter() - start
+
+    compiles_before = num_compiles()
+    _, warmup_seconds = run()
+    compiles = num_compiles() - compiles_before
+    runs = [run() for _ in range(repeats)]
+    ttft = statistics.median(outputs[0].metrics.ttft for outputs, _ in runs)
+    tpot = statistics.median(outputs[0].metrics.tpot for outputs, _ in runs)
+    steady = statistics.median(seconds for _, seconds in runs)
+    return BenchResult("folojax LLM", ttft, tpot, len(prompts), len(prompts[0]),
+                       compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
 
 
 def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
@@ -116,21 +179,26 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
 
 def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
               prompt_len: int = 128, max_tokens: int = 64, repeats: int = 3,
-              compare_hf: bool = False) -> list[BenchResult]:
+              compare_hf: bool = False) -> tuple[list[BenchResult], StreamingLimit]:
+    """folojax.generate, folojax.LLM and (compare_hf) transformers on the workload, and the
+    machine's weight-streaming limit for the model."""
     if max_tokens < 2:
         raise ValueError("bench needs max_tokens >= 2 to measure decoding")
     path = resolve_model_path(model_path)
     model = load_model(path, dtype, load_tokenizer=False)
     prompts = workload(model.config.vocab_size, batch_size, prompt_len)
-    results = [bench_folojax(model, prompts, max_tokens, repeats)]
+    weight_bytes = decode_weight_bytes(model.params)
+    limit = StreamingLimit(weight_bytes, measure_streaming_rate(weight_bytes))
+    results = [bench_folojax(model, prompts, max_tokens, repeats),
+               bench_llm(model, prompts, max_tokens, repeats)]
     if compare_hf:
         del model
         results.append(bench_transformers(path, np.dtype(resolve_dtype(dtype)).name, prompts,
                                           max_tokens, repeats))
-    return results
+    return results, limit
 
 
-def format_results(results: list[BenchResult]) -> str:
+def format_results(results: list[BenchResult], limit: StreamingLimit | None = None) -> str:
     lines = [f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'decode tok/s':>14}"
              f"{'prefill tok/s':>15}{'compile s':>11}{'compiles':>10}"]
     for r in results:
@@ -139,9 +207,19 @@ def format_results(results: list[BenchResult]) -> str:
         lines.append(f"{r.name:<14}{r.ttft * 1e3:>10.1f}{r.tpot * 1e3:>10.2f}"
                      f"{r.decode_tokens_per_second:>14.1f}{r.prefill_tokens_per_second:>15.1f}"
                      f"{compile_s:>11}{compiles:>10}")
-    if len(results) == 2:
-        ours, ref = results
-        lines.append(f"folojax / transformers: decode tok/s x"
-                     f"{ours.decode_tokens_per_second / ref.decode_tokens_per_second:.2f}, "
-                     f"prefill (TTFT) x{ref.ttft / ours.ttft:.2f}")
+    reference = next((r for r in results if r.name == "transformers"), None)
+    for ours in results:
+        if reference is not None and ours is not reference:
+            lines.append(f"{ours.name} / transformers: decode tok/s x"
+                         f"{ours.decode_tokens_per_second / reference.decode_tokens_per_second:.2f}"
+                         f", prefill (TTFT) x{reference.ttft / ours.ttft:.2f}")
+    if limit is not None:
+        lines.append(f"weights read per decode token {limit.weight_bytes / 1e6:.0f} MB; this "
+                     f"machine streams {limit.bytes_per_second / 1e9:.1f} GB/s (numpy GEMV): "
+                     f"{limit.seconds_per_token * 1e3:.1f} ms/token at best")
+        for r in results:
+            if r.batch_size == 1:
+                rate = limit.weight_bytes / r.tpot
+                lines.append(f"{r.name}: {rate / 1e9:.1f} GB/s achieved, "
+                             f"x{rate / limit.bytes_per_second:.2f} of the streaming limit")
     return "\n".join(lines)

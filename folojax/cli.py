@@ -68,11 +68,11 @@ def _bench(args) -> int:
         return _bench_throughput(args)
     from folojax.bench import format_results, run_bench
 
-    results = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
-                        args.max_tokens, args.repeats, args.compare_hf)
+    results, limit = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
+                               args.max_tokens, args.repeats, args.compare_hf)
     print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
           f"batch={args.batch_size} prompt_len={args.prompt_len} max_tokens={args.max_tokens}")
-    print(format_results(results))
+    print(format_results(results, limit))
     return 0
 
 

@@ -19,14 +19,16 @@ def test_init_random_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "random"
     assert main(["init-random", "--config", str(config_path), "--out", str(out)]) == 0
     model = folojax.load_model(str(out), dtype="float32", load_tokenizer=False)
-    assert model.config.hidden_size == 32 and len(model.params["layers"]) == 2
+    assert model.config.hidden_size == 32 and len(model.params.layers) == 2
 
 
 def test_bench_reports_both_engines(tiny_qwen3, capsys):
     assert main(["bench", "--model", tiny_qwen3.path, "--prompt-len", "16", "--max-tokens", "4",
                  "--repeats", "1", "--compare-hf", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
-    assert "folojax " in out and "transformers " in out and "decode tok/s x" in out
+    assert "folojax " in out and "folojax LLM " in out and "transformers " in out
+    assert "folojax LLM / transformers: decode tok/s x" in out
+    assert "GB/s (numpy GEMV)" in out and "of the streaming limit" in out
 
 
 def test_bad_argument_exits_with_a_clear_error(capsys):

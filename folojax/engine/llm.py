@@ -21,7 +21,7 @@ from folojax.ops.paged_kv_cache import cache_bytes_per_token
 from folojax.outputs import RequestOutput
 from folojax.sampling_params import SamplingParams
 from folojax.tokenizer import apply_chat_template
-from folojax.weights.loader import load_model
+from folojax.weights.loader import Model, load_model
 
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
 DEFAULT_ACCELERATOR_KV_CACHE_FRACTION = 0.5  # of the device memory free after loading weights
@@ -31,8 +31,9 @@ class LLM:
     """An offline engine: `LLM(model).generate(prompts, SamplingParams(...))`.
 
     Args:
-      model: a Hugging Face model directory, a .gguf file, a hub id, or None for the embedded
-        SmolLM2-135M-Instruct.
+      model: a Hugging Face model directory, a .gguf file, a hub id, None for the embedded
+        SmolLM2-135M-Instruct, or a folojax.Model already loaded (then dtype, tokenizer and
+        skip_tokenizer_init are its own).
       dtype: "auto" (bfloat16 on an accelerator, float32 on CPU), "float32", "bfloat16", "float16".
       max_model_len: longest prompt plus output; default the model's max_position_embeddings.
       seed: randomness for requests without their own seed.
@@ -55,8 +56,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  async_scheduling: bool = True, max_logprobs: int = 20):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)
-        self.model = load_model(model, dtype, load_tokenizer=not skip_tokenizer_init,
-                                tokenizer=tokenizer)
+        self.model = model if isinstance(model, Model) else load_model(
+            model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer)
         config = self.model.config
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
@@ -79,6 +80,11 @@ class LLM:
         )
         self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
         self._request_counter = itertools.count()
+
+    @classmethod
+    def from_model(cls, model: Model, **engine_args) -> LLM:
+        """An LLM over a model already loaded (load_model), with LLM's engine arguments."""
+        return cls(model, **engine_args)
 
     def get_tokenizer(self):
         return self.model.tokenizer

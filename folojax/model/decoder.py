@@ -1,12 +1,8 @@
 """The Qwen3 / Qwen2 / Llama decoder as pure functions of (params, config, token ids[, cache]).
 
-params is a pytree of arrays in Hugging Face's [out, in] layout:
-  {"embed": [vocab, hidden], "final_norm": [hidden], "lm_head": [vocab, hidden] (absent if tied),
-   "layers": [{"input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_norm",
-               "gate_proj", "up_proj", "down_proj", + "q_norm", "k_norm" (Qwen3),
-               + "q_bias", "k_bias", "v_bias" (Qwen2)}, ...]}
-The layers are a Python list walked by a Python loop: each layer's weights stay separate arrays in
-their checkpoint layout, which XLA reads faster on CPU than stacked weights under `lax.scan`.
+params is a ModelWeights pytree (folojax/model/weights.py). The layers are a Python list walked
+by a Python loop: each layer's weights stay separate arrays, which XLA reads faster on CPU than
+stacked weights under `lax.scan`.
 """
 
 import collections
@@ -19,6 +15,7 @@ import numpy as np
 from folojax.config import ModelConfig
 from folojax.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu_mlp
 from folojax.model.rope import rope_inv_freq
+from folojax.model.weights import AttentionWeights
 from folojax.ops.attention import causal_attention
 
 # How many times each jitted function has been traced (= compiled), by name. Bucketing keeps these
@@ -36,19 +33,19 @@ def num_compiles(name: str | None = None) -> int:
     return _COMPILE_COUNTS[name] if name else sum(_COMPILE_COUNTS.values())
 
 
-def project_qkv(x, layer, config: ModelConfig, cos, sin):
+def project_qkv(x, attention: AttentionWeights, config: ModelConfig, cos, sin):
     """Queries [batch, seq, heads, head_dim] and keys, values [batch, seq, kv_heads, head_dim],
     with q/k RMSNorm (Qwen3) and RoPE applied."""
     batch, seq, _ = x.shape
-    q = linear(x, layer["q_proj"], layer.get("q_bias"))
-    k = linear(x, layer["k_proj"], layer.get("k_bias"))
-    v = linear(x, layer["v_proj"], layer.get("v_bias"))
+    q_size = config.num_heads * config.head_dim
+    kv_size = config.num_kv_heads * config.head_dim
+    q, k, v = jnp.split(linear(x, attention.qkv), [q_size, q_size + kv_size], axis=-1)
     q = q.reshape(batch, seq, config.num_heads, config.head_dim)
     k = k.reshape(batch, seq, config.num_kv_heads, config.head_dim)
     v = v.reshape(batch, seq, config.num_kv_heads, config.head_dim)
     if config.use_qk_norm:
-        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+        q = rms_norm(q, attention.q_norm, config.rms_norm_eps)
+        k = rms_norm(k, attention.k_norm, config.rms_norm_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -70,26 +67,26 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
     rope_length: the sequence length RoPE's frequencies are for (folojax/model/rope.py);
     default max_position_embeddings.
     """
-    x = params["embed"][token_ids]
+    x = params.embed[token_ids]
     cos, sin = rope_cos_sin(positions, *rope_inv_freq(
         config, rope_length or config.max_position_embeddings))
-    last = len(params["layers"]) - 1
-    for layer_index, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-        q, k, v = project_qkv(h, layer, config, cos, sin)
+    last = len(params.layers) - 1
+    for layer_index, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.input_norm, config.rms_norm_eps)
+        q, k, v = project_qkv(h, layer.attention, config, cos, sin)
         out, cache = attend(layer_index, q, k, v, cache)
         out = out.reshape(*out.shape[:2], out.shape[2] * out.shape[3])  # [batch, seq, heads*dim]
         if keep is not None and layer_index == last:
             x, out = (jnp.take_along_axis(a, keep[..., None], axis=1) for a in (x, out))
-        x = x + linear(out, layer["o_proj"])
-        x = x + swiglu_mlp(rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps), layer)
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+        x = x + linear(out, layer.attention.o)
+        x = x + swiglu_mlp(rms_norm(x, layer.post_attention_norm, config.rms_norm_eps), layer.mlp)
+    return rms_norm(x, params.final_norm, config.rms_norm_eps), cache
 
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:
     """Logits in float32; a tied head reads the embedding [vocab, hidden] without copying it."""
-    weight = params.get("lm_head", params["embed"])
-    return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,vh->...v", hidden, params.head_weight,
+                      preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -1,17 +1,32 @@
-"""Pure building blocks of the decoder: RMSNorm, rotary embeddings, the SwiGLU MLP.
+"""Pure building blocks of the decoder: linear layers, RMSNorm, rotary embeddings, the SwiGLU MLP.
 
-Weights keep Hugging Face's [out, in] layout and are applied as `x @ w.T`: on CPU that reads the
-weights fastest, and XLA folds the transpose into the matmul instead of copying the weight.
+Weights keep Hugging Face's [out, in] layout and are applied as `x @ w.T`: XLA folds the
+transpose into the matmul instead of copying the weight.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from folojax.model.weights import Linear, MLPWeights
 
-def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """`x @ weight.T (+ bias)` with weight in [out, in] layout."""
-    y = x @ weight.T
-    return y if bias is None else y + bias
+
+def linear(x: jax.Array, weight) -> jax.Array:
+    """`x @ W.T (+ b)`, by the weight's type (a Linear here; another weight type registers its
+    own with `apply_linear.register`)."""
+    return apply_linear(weight, x)
+
+
+@functools.singledispatch
+def apply_linear(weight, x: jax.Array) -> jax.Array:
+    raise TypeError(f"no linear for weights of type {type(weight).__name__}")
+
+
+@apply_linear.register
+def _(weight: Linear, x: jax.Array) -> jax.Array:
+    y = x @ weight.weight.T
+    return y if weight.bias is None else y + weight.bias
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -40,7 +55,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def swiglu_mlp(x: jax.Array, layer: dict) -> jax.Array:
-    gate = linear(x, layer["gate_proj"])
-    up = linear(x, layer["up_proj"])
-    return linear(jax.nn.silu(gate) * up, layer["down_proj"])
+def swiglu_mlp(x: jax.Array, mlp: MLPWeights) -> jax.Array:
+    gate, up = jnp.split(linear(x, mlp.gate_up), 2, axis=-1)
+    return linear(jax.nn.silu(gate) * up, mlp.down)

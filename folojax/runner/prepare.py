@@ -4,8 +4,8 @@
 A prefill chunk's last attention tile is padded; the flat tokens, which the dense layers
 compute, are not. Decode rows and prefill tiles attend
 through work items, one chunk of the row's (tile's) blocks each, up to its furthest query.
-Dimensions are padded to buckets (decode rows to multiples of 8 up to 64, sampling rows to 1, 2,
-4, then likewise; prefill tokens to multiples of 32 up to 128 and of 128 up to 1024, work items
+Dimensions are padded to buckets (decode rows and sampling rows to 1, 2, 4, then multiples of 8
+up to 64; prefill tokens to multiples of 32 up to 128 and of 128 up to 1024, work items
 to multiples of 4 x items per iteration, powers of two beyond; tiles to powers of two), so the
 step compiles once per bucket combination. Sampling rows follow the order of the scheduled
 requests.
@@ -45,10 +45,14 @@ class StepBatch:
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
 
 
-def sampling_rows_bucket(n: int) -> int:
-    """Sampling rows pad to 1, 2, 4, 8, then multiples of 8: each row costs a vocab-sized logits
-    row (on CPU, 8 rows of Qwen3's 151,936 logits take 2.4x as long as one)."""
+def rows_bucket(n: int) -> int:
+    """Decode rows and sampling rows pad to 1, 2, 4, 8, then multiples of 8: a sampling row
+    costs a vocab-sized logits row, and on CPU XLA's matmul of a few rows reads the weights
+    more slowly than its matrix-vector product of one (docs/BENCHMARKS.md)."""
     return bucket(n, 1) if 0 < n < ROW_MULTIPLE else stepped_bucket(n, ROW_MULTIPLE)
+
+
+sampling_rows_bucket = rows_bucket
 
 
 def prefill_token_bucket(n: int) -> int:
@@ -67,7 +71,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     that row (see StepInputs.token_sources)."""
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-    num_rows = stepped_bucket(len(decodes), ROW_MULTIPLE)
+    num_rows = rows_bucket(len(decodes))
     num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)

@@ -1,4 +1,5 @@
-"""Turns named checkpoint tensors into the params pytree, checking names and shapes exactly."""
+"""Turns named checkpoint tensors into the params pytree (folojax/model/weights.py), checking
+names and shapes exactly, and fusing q/k/v and gate/up."""
 
 from collections.abc import Callable
 
@@ -7,6 +8,7 @@ from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
+from folojax.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, ModelWeights
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -42,24 +44,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# Our name within a layer <- the Hugging Face suffix after "model.layers.{i}.".
-_LAYER_NAMES = {
-    "input_norm": "input_layernorm.weight",
-    "post_attention_norm": "post_attention_layernorm.weight",
-    "q_proj": "self_attn.q_proj.weight",
-    "k_proj": "self_attn.k_proj.weight",
-    "v_proj": "self_attn.v_proj.weight",
-    "o_proj": "self_attn.o_proj.weight",
-    "gate_proj": "mlp.gate_proj.weight",
-    "up_proj": "mlp.up_proj.weight",
-    "down_proj": "mlp.down_proj.weight",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "q_bias": "self_attn.q_proj.bias",
-    "k_bias": "self_attn.k_proj.bias",
-    "v_bias": "self_attn.v_proj.bias",
-}
-
 # Present in some checkpoints but derived, not learned: skipped without complaint.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -71,7 +55,7 @@ def build_params(
     convert: Callable[[np.ndarray], object],
     source: str,
     progress: bool = False,
-) -> dict:
+) -> ModelWeights:
     """Checks every expected tensor is present exactly once with the right shape, then loads each.
 
     `load(name)` returns the tensor as numpy; `convert` turns it into a device array. Nothing is
@@ -106,17 +90,30 @@ def build_params(
     names_bar = tqdm(shapes, desc="Loading weights", unit="tensor", disable=not progress,
                      leave=False)
     arrays = {name: get(name) for name in names_bar}  # checked before anything is converted
-    params = {
-        "embed": convert(arrays["model.embed_tokens.weight"]),
-        "final_norm": convert(arrays["model.norm.weight"]),
-        "layers": [],
-    }
-    if not config.tie_word_embeddings:
-        params["lm_head"] = convert(arrays["lm_head.weight"])
-    for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        params["layers"].append({
-            ours: convert(arrays[prefix + theirs])
-            for ours, theirs in _LAYER_NAMES.items() if prefix + theirs in arrays
-        })
-    return params
+    def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> np.ndarray:
+        return np.concatenate([arrays[f"{prefix}{part}.{suffix}"] for part in parts])
+
+    def layer(index: int) -> LayerWeights:
+        prefix = f"model.layers.{index}."
+        qkv = tuple(f"self_attn.{name}_proj" for name in "qkv")
+        attention = AttentionWeights(
+            qkv=Linear(convert(fused(prefix, qkv, "weight")),
+                       convert(fused(prefix, qkv, "bias")) if config.attention_bias else None),
+            o=Linear(convert(arrays[prefix + "self_attn.o_proj.weight"])),
+            q_norm=convert(arrays[prefix + "self_attn.q_norm.weight"]) if config.use_qk_norm
+            else None,
+            k_norm=convert(arrays[prefix + "self_attn.k_norm.weight"]) if config.use_qk_norm
+            else None)
+        mlp = MLPWeights(gate_up=Linear(convert(fused(prefix, ("mlp.gate_proj", "mlp.up_proj"),
+                                                      "weight"))),
+                         down=Linear(convert(arrays[prefix + "mlp.down_proj.weight"])))
+        return LayerWeights(
+            input_norm=convert(arrays[prefix + "input_layernorm.weight"]), attention=attention,
+            post_attention_norm=convert(arrays[prefix + "post_attention_layernorm.weight"]),
+            mlp=mlp)
+
+    return ModelWeights(
+        embed=convert(arrays["model.embed_tokens.weight"]),
+        layers=[layer(i) for i in range(config.num_layers)],
+        final_norm=convert(arrays["model.norm.weight"]),
+        lm_head=None if config.tie_word_embeddings else Linear(convert(arrays["lm_head.weight"])))

@@ -123,3 +123,23 @@ def test_llm_with_token_prompts_matches_hf(tiny_qwen3, use_llm_api):
         tokens = folojax.generate(tiny_qwen3.model.params, cache, jax.random.key(0), prompts,
                                   config=tiny_qwen3.model.config, sampling=sampling).token_ids
     assert tokens == [hf_greedy(tiny_qwen3, p, 10) for p in prompts]
+
+
+def test_params_are_typed_with_fused_projections(tiny):
+    from folojax.model.weights import Linear, ModelWeights
+
+    params, config = tiny.model.params, tiny.model.config
+    assert isinstance(params, ModelWeights) and isinstance(params.layers[0].attention.qkv, Linear)
+    state = tiny.torch_model.state_dict()
+    qkv = np.asarray(params.layers[1].attention.qkv.weight)
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    for name, rows in (("q", slice(0, q_rows)), ("k", slice(q_rows, q_rows + kv_rows)),
+                       ("v", slice(q_rows + kv_rows, None))):
+        np.testing.assert_array_equal(
+            qkv[rows], state[f"model.layers.1.self_attn.{name}_proj.weight"].numpy())
+    gate_up = np.asarray(params.layers[0].mlp.gate_up.weight)
+    np.testing.assert_array_equal(gate_up[config.intermediate_size:],
+                                  state["model.layers.0.mlp.up_proj.weight"].numpy())
+    assert (params.layers[0].attention.qkv.bias is not None) == config.attention_bias
+    assert (params.lm_head is None) == config.tie_word_embeddings
