@@ -89,8 +89,9 @@ def bench_llm(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
     """The same workload through folojax.LLM (the engine), on the already loaded model."""
     from folojax.engine.llm import LLM
 
+    # No prefix caching: the repeated runs would otherwise find their prompts cached.
     llm = LLM.from_model(model, max_model_len=len(prompts[0]) + max_tokens,
-                         max_num_seqs=len(prompts))
+                         max_num_seqs=len(prompts), enable_prefix_caching=False)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
 

@@ -102,6 +102,13 @@ def _init_random(args) -> int:
     return 0
 
 
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default=None,
+                         help="HF directory, .gguf file or hub id; none: the embedded SmolLM2")
+    command.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
+                         "CPU), float32, bfloat16 or float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="folojax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,24 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt", **defaults)
     gen.add_argument("--prompt", required=True, help="the text to complete (or, with --chat, "
                      "the user's message)")
-    gen.add_argument("--model", default=None,
-                     help="HF directory, .gguf file or hub id; none: the embedded SmolLM2")
+    _add_model_arguments(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept (1 = all)")
     gen.add_argument("--top-k", type=int, default=0, help="most likely tokens kept (0 = all)")
     gen.add_argument("--seed", type=int, default=None, help="per-request seed, in [0, 2**64)")
-    gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
-                     "CPU), float32, bfloat16 or float16")
     gen.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt plus output; none: the model's context")
     gen.set_defaults(func=_generate)
 
     bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)
-    bench.add_argument("--model", default=None,
-                       help="HF directory or .gguf file; none: the embedded SmolLM2")
-    bench.add_argument("--dtype", default="auto", help="as for generate")
+    _add_model_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     bench.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     bench.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")

@@ -174,7 +174,7 @@ def _check_positive_ints(owner: object, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # requests running at once
+    max_num_seqs: int = 256  # requests running at once (vLLM's default; docs/BENCHMARKS.md)
     max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True  # split prompts longer than the budget over steps
     # Schedule and dispatch step N+1 before reading step N's tokens back (see LLMEngine.step).

@@ -15,6 +15,14 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 4, n: int
     return Request(request_id, prompt, sampling, np.zeros(2, np.uint32), max_total_len=10_000)
 
 
+def computed_and_cached(manager: KVCacheManager, request: Request) -> Request:
+    """Allocates the request's prompt, marks it computed and offers its blocks to the cache."""
+    manager.allocate_slots(request, request.num_tokens)
+    request.num_computed_tokens = request.num_tokens
+    manager.cache_blocks(request)
+    return request
+
+
 def free_order(pool: BlockPool) -> list[int]:
     return list(pool.free_queue)
 
@@ -146,10 +154,7 @@ def test_forked_children_share_blocks_and_copy_a_shared_block_before_writing_it(
 
 def test_reset_prefix_cache_forgets_every_hash():
     manager = KVCacheManager(num_blocks=4, block_size=2)
-    request = make_request("a", [1, 2, 3, 4, 5])
-    manager.allocate_slots(request, 5)
-    request.num_computed_tokens = 5
-    manager.cache_blocks(request)
+    computed_and_cached(manager, make_request("a", [1, 2, 3, 4, 5]))
     assert manager.get_computed_blocks(make_request("b", [1, 2, 3, 4, 9]))[1] == 4
     manager.pool.reset_prefix_cache()
     assert manager.get_computed_blocks(make_request("b", [1, 2, 3, 4, 9])) == ([], 0)
@@ -170,10 +175,7 @@ def test_a_forced_block_hash_collision_reuses_no_block(monkeypatch):
     monkeypatch.setattr("folojax.engine.kv_cache_manager.hash_block_tokens",
                         lambda parent, tokens: b"collision")
     manager = KVCacheManager(num_blocks=8, block_size=2)
-    victim = make_request("victim", [1, 2, 3, 4, 5])
-    manager.allocate_slots(victim, 5)
-    victim.num_computed_tokens = 5
-    manager.cache_blocks(victim)
+    computed_and_cached(manager, make_request("victim", [1, 2, 3, 4, 5]))
     assert len(manager.pool.cached_blocks) == 1  # the first block with the hash keeps it
     for prompt in ([7, 8, 3, 4, 5], [3, 4, 1, 2, 5], [7, 1, 2, 9]):
         assert manager.get_computed_blocks(make_request("attacker", prompt)) == ([], 0)
@@ -184,11 +186,7 @@ def test_a_forced_block_hash_collision_reuses_no_block(monkeypatch):
 
 def test_a_hit_needs_the_exact_block_it_was_cached_after():
     manager = KVCacheManager(num_blocks=4, block_size=2)
-    first = make_request("a", [1, 2, 3, 4, 5])
-    manager.allocate_slots(first, 5)
-    first.num_computed_tokens = 5
-    manager.cache_blocks(first)
-    manager.free(first)
+    manager.free(computed_and_cached(manager, make_request("a", [1, 2, 3, 4, 5])))
     block_0, block_1 = manager.pool.blocks[0], manager.pool.blocks[1]
     # Evict block 0 and cache other tokens in it: block 1 no longer follows it.
     manager.pool._evict(block_0)

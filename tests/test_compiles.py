@@ -5,7 +5,7 @@ import pytest
 
 import folojax
 from folojax.runner.buckets import stepped_bucket
-from folojax.runner.prepare import prefill_token_bucket, sampling_rows_bucket
+from folojax.runner.prepare import prefill_token_bucket, rows_bucket
 
 
 def test_prompts_of_1_to_1000_tokens_compile_a_handful_of_times(tiny_qwen3):
@@ -30,8 +30,11 @@ def test_stepped_buckets_are_linear_then_geometric():
 
 
 def test_few_sampling_rows_pad_to_powers_of_two_then_to_multiples_of_8():
-    assert [sampling_rows_bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 48, 65)] == [
+    assert [rows_bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 48, 65)] == [
         0, 1, 2, 4, 8, 8, 16, 48, 128]
+    # Beside a prefill: powers of two.
+    assert [rows_bucket(n, coarse=True) for n in (0, 1, 3, 9, 17, 24, 33, 48)] == [
+        0, 1, 4, 16, 32, 32, 64, 64]
 
 
 def test_short_prefills_pad_to_multiples_of_32_longer_ones_to_128():

@@ -190,7 +190,8 @@ def test_async_scheduling_changes_no_output(tiny_qwen3, monkeypatch):
     assert "stop" in reasons and "length" in reasons
 
 
-def test_async_scheduling_dispatches_a_step_before_reading_the_last(tiny_qwen3, monkeypatch):
+def record_dispatches_and_reads(monkeypatch) -> list[str]:
+    """The order in which the engine dispatches steps and reads their tokens back."""
     import folojax.engine.engine_core as engine_core
     import folojax.runner.model_runner as model_runner
 
@@ -200,6 +201,11 @@ def test_async_scheduling_dispatches_a_step_before_reading_the_last(tiny_qwen3, 
                         lambda *args: events.append("dispatch") or dispatch(*args))
     monkeypatch.setattr(engine_core, "read_sampled",
                         lambda *args: events.append("read") or read(*args))
+    return events
+
+
+def test_async_scheduling_dispatches_a_step_before_reading_the_last(tiny_qwen3, monkeypatch):
+    events = record_dispatches_and_reads(monkeypatch)
     engine = make_llm(tiny_qwen3).llm_engine
     engine.add_request("a", [5, 6, 7], GREEDY)  # 6 tokens: 6 steps
     run_to_completion(engine)

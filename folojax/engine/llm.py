@@ -52,7 +52,7 @@ class LLM:
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  skip_tokenizer_init: bool = False, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  async_scheduling: bool = True, max_logprobs: int = 20):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)

@@ -47,6 +47,13 @@ class ChunkSizes:
     prefill: int
     prefill_items: int
     kernel: str = "xla"  # "xla": the gather loop below; "cpu": the C++ kernel (ops/cpu_kernels)
+    # Work items pad to this many times a power of two (0: 4 x items per iteration). The C++
+    # kernel skips padding items at no cost, so a large bucket there saves recompiles as
+    # contexts grow; the gather loop keeps partials for every item, so it stays small.
+    min_work_items: int = 0
+
+    def work_items_bucket(self, items_per_iteration: int) -> int:
+        return self.min_work_items or 4 * items_per_iteration
 
 
 @jax.tree_util.register_dataclass
@@ -67,7 +74,7 @@ def default_chunk_sizes(backend: str | None = None, dtype=jnp.float32) -> ChunkS
     if backend == "cpu":
         native = jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available(backend)
         return ChunkSizes(decode=64, decode_items=16, prefill=64, prefill_items=16,
-                          kernel="cpu" if native else "xla")
+                          kernel="cpu" if native else "xla", min_work_items=256 if native else 0)
     return ChunkSizes(decode=512, decode_items=256, prefill=512, prefill_items=128)
 
 

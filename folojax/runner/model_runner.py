@@ -15,7 +15,7 @@ from folojax.config import ModelConfig
 from folojax.model.step import paged_logits, paged_step
 from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks
-from folojax.runner.prepare import StepBatch, build_step, sampling_rows_bucket
+from folojax.runner.prepare import StepBatch, build_step, max_rows_bucket
 
 if TYPE_CHECKING:
     from folojax.engine.scheduler import SchedulerOutput
@@ -45,7 +45,7 @@ class ModelRunner:
         self.eos_token_ids = config.eos_token_ids if eos_token_ids is None else eos_token_ids
         self.chunks = chunks or default_chunk_sizes(dtype=cache.k[0].dtype)
         # A step's tokens come back padded to the most sampling rows a step can have.
-        self._no_tokens = np.zeros(sampling_rows_bucket(max_num_seqs), np.int32)
+        self._no_tokens = np.zeros(max_rows_bucket(max_num_seqs), np.int32)
 
     @property
     def block_size(self) -> int:

@@ -45,14 +45,20 @@ class StepBatch:
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
 
 
-def rows_bucket(n: int) -> int:
+def rows_bucket(n: int, coarse: bool = False) -> int:
     """Decode rows and sampling rows pad to 1, 2, 4, 8, then multiples of 8: a sampling row
     costs a vocab-sized logits row, and on CPU XLA's matmul of a few rows reads the weights
-    more slowly than its matrix-vector product of one (docs/BENCHMARKS.md)."""
-    return bucket(n, 1) if 0 < n < ROW_MULTIPLE else stepped_bucket(n, ROW_MULTIPLE)
+    more slowly than its matrix-vector product of one (docs/BENCHMARKS.md). `coarse` (a step
+    that also prefills, whose cost its prefill tokens dominate): powers of two, so that the
+    steps of a ramp-up, each with a few more decode rows, share compiles."""
+    if n == 0:
+        return 0
+    return bucket(n, 1) if n < ROW_MULTIPLE or coarse else stepped_bucket(n, ROW_MULTIPLE)
 
 
-sampling_rows_bucket = rows_bucket
+def max_rows_bucket(max_num_seqs: int) -> int:
+    """The most sampling rows a step of an engine running max_num_seqs requests can have."""
+    return rows_bucket(max_num_seqs, coarse=True)
 
 
 def prefill_token_bucket(n: int) -> int:
@@ -71,7 +77,10 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     that row (see StepInputs.token_sources)."""
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-    num_rows = rows_bucket(len(decodes))
+    num_sampling = sum(1 for s in output.scheduled if s.samples)
+    # Beside a prefill, decode rows and sampling rows share one coarse bucket (see rows_bucket).
+    num_rows = (rows_bucket(max(len(decodes), num_sampling), coarse=True) if prefills and decodes
+                else rows_bucket(len(decodes)))
     num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)
@@ -118,18 +127,20 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
     sampling = [item for item in output.scheduled if item.samples]
     sampling_requests = [item.request for item in sampling]
-    num_sampling_rows = sampling_rows_bucket(len(sampling))
+    num_sampling_rows = num_rows if prefills and decodes else rows_bucket(len(sampling))
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sampling)] = [sample_index[id(item)] for item in sampling]
     inputs = StepInputs(
         token_ids, token_sources, positions, slot_mapping,
         decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
                                 positions[:len(decodes)], block_size, chunks.decode,
-                                chunks.decode_items),
+                                chunks.decode_items,
+                                chunks.work_items_bucket(chunks.decode_items)),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
         prefill_items=work_items(tile_tables, tile_last_positions, block_size, chunks.prefill,
-                                 chunks.prefill_items),
+                                 chunks.prefill_items,
+                                 chunks.work_items_bucket(chunks.prefill_items)),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids, in_flight_rows)
@@ -137,14 +148,15 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
 
 def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: int,
-               keys_per_item: int, items_per_iteration: int) -> WorkItems:
+               keys_per_item: int, items_per_iteration: int,
+               items_bucket: int | None = None) -> WorkItems:
     """Splits each row's keys, up to its furthest query's position, into work items of
     keys_per_item keys (whole blocks); items are padded to a bucket that is a multiple of
     items_per_iteration."""
     per_item = chunk_blocks(block_size, keys_per_item)
     counts = -(-(np.asarray(last_positions, np.int64) + 1) // (per_item * block_size))
     num_real = int(counts.sum())
-    num_items = stepped_bucket(num_real, 4 * items_per_iteration)
+    num_items = _padded(num_real, items_bucket or 4 * items_per_iteration)
     rows = np.zeros(num_items, np.int32)
     blocks = np.zeros((num_items, per_item), np.int32)
     starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)

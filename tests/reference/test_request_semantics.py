@@ -9,6 +9,7 @@ import torch
 
 import folojax
 from tests.reference.test_hf_equivalence import random_ids
+from tests.test_llm_engine import record_dispatches_and_reads
 
 BF16_RELATIVE_TOLERANCE = 3e-2  # max |logit diff| / max |logit|, bf16 weights and activations
 
@@ -77,15 +78,7 @@ def test_penalties_over_a_whole_generation_equal_a_numpy_reference(tiny_qwen3, a
 
 
 def test_penalties_force_no_synchronous_step(tiny_qwen3, monkeypatch):
-    import folojax.engine.engine_core as engine_core
-    import folojax.runner.model_runner as model_runner
-
-    events = []
-    dispatch, read = model_runner.paged_step, engine_core.read_sampled
-    monkeypatch.setattr(model_runner, "paged_step",
-                        lambda *args: events.append("dispatch") or dispatch(*args))
-    monkeypatch.setattr(engine_core, "read_sampled",
-                        lambda *args: events.append("read") or read(*args))
+    events = record_dispatches_and_reads(monkeypatch)
     engine = make_llm(tiny_qwen3).llm_engine
     engine.add_request("a", [5, 6, 7], folojax.SamplingParams(
         temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.5))
