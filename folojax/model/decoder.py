@@ -16,6 +16,7 @@ from folojax.config import ModelConfig
 from folojax.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu_mlp
 from folojax.model.rope import rope_inv_freq
 from folojax.model.weights import AttentionWeights
+from folojax.ops import cpu_matmul
 from folojax.ops.attention import causal_attention
 
 # How many times each jitted function has been traced (= compiled), by name. Bucketing keeps these
@@ -85,8 +86,10 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:
     """Logits in float32; a tied head reads the embedding [vocab, hidden] without copying it."""
-    return jnp.einsum("...h,vh->...v", hidden, params.head_weight,
-                      preferred_element_type=jnp.float32)
+    weight = params.head_weight
+    if cpu_matmul.serves(hidden, weight):
+        return cpu_matmul.small_matmul(hidden, weight)
+    return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

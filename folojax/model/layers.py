@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from folojax.model.weights import Linear, MLPWeights
+from folojax.ops import cpu_matmul
 
 
 def linear(x: jax.Array, weight) -> jax.Array:
@@ -25,8 +26,16 @@ def apply_linear(weight, x: jax.Array) -> jax.Array:
 
 @apply_linear.register
 def _(weight: Linear, x: jax.Array) -> jax.Array:
-    y = x @ weight.weight.T
+    y = matmul_transposed(x, weight.weight)
     return y if weight.bias is None else y + weight.bias
+
+
+def matmul_transposed(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x [..., in] @ weight [out, in].T: a few float32 rows on CPU by the C++ kernel
+    (folojax/ops/cpu_matmul.py), else XLA's dot."""
+    if cpu_matmul.serves(x, weight):
+        return cpu_matmul.small_matmul(x, weight)
+    return x @ weight.T
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Native CPU kernels: C++ sources in folojax/ops/csrc, compiled on first use with the system's
-C++ compiler against jaxlib's FFI headers, cached, and registered as XLA FFI targets.
+"""Native CPU kernels: C++ sources in folojax/ops/csrc (paged attention; the matmul of a few rows
+by a weight), compiled on first use with the system's C++ compiler against jaxlib's FFI headers
+into one library, cached, and registered as XLA FFI targets.
 
 The build is cached under $FOLOJAX_CACHE_DIR (default ~/.cache/folojax), keyed by the source,
 the flags, the compiler, jaxlib's version and this CPU's instruction sets (it is built with
@@ -24,8 +25,13 @@ from folojax.env import switched_off
 
 logger = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention.cc"
+SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
+                for name in ("paged_attention.cc", "matmul.cc"))
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
+SMALL_MATMUL_TARGET = "folojax_small_matmul"
+# FFI target -> the handler symbol the library exports.
+TARGETS = {PAGED_ATTENTION_TARGET: "FolojaxPagedAttention",
+           SMALL_MATMUL_TARGET: "FolojaxSmallMatmul"}
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)
@@ -61,20 +67,22 @@ def compiler() -> str:
     return path
 
 
-def build(source: pathlib.Path = SOURCE) -> pathlib.Path:
-    """The shared library for `source`, compiled unless the cache already holds it."""
+def build(sources: tuple[pathlib.Path, ...] = SOURCES) -> pathlib.Path:
+    """One shared library of `sources`, compiled unless the cache already holds it."""
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([source.read_text(), " ".join(FLAGS), version,
-                                    jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
-    library = cache_dir() / f"{source.stem}-{key[:16]}.so"
+    key = hashlib.sha256("\n".join([*(source.read_text() for source in sources), " ".join(FLAGS),
+                                    version, jaxlib.__version__, _cpu_flags()]).encode()
+                         ).hexdigest()
+    library = cache_dir() / f"folojax-kernels-{key[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name and rename: concurrent builds never load a partial file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = pathlib.Path(scratch) / library.name
-        command = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(partial)]
+        command = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, sources), "-o",
+                   str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelBuildError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -90,9 +98,9 @@ def load() -> bool:
         if enabled():
             try:
                 library = ctypes.cdll.LoadLibrary(str(build()))
-                jax.ffi.register_ffi_target(
-                    PAGED_ATTENTION_TARGET, jax.ffi.pycapsule(library.FolojaxPagedAttention),
-                    platform="cpu")
+                for target, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(
+                        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
                 _state["loaded"] = True
             except (KernelBuildError, OSError) as error:
                 logger.warning("native CPU kernels unavailable, using the JAX path: %s", error)

@@ -1,0 +1,141 @@
+// x @ w.T for a few rows of x, on the CPU, called from jitted code through XLA's FFI
+// (folojax/ops/cpu_kernels.py compiles and registers it; folojax/model/layers.py calls it).
+//
+// Decode multiplies a handful of rows by every weight matrix, so its speed is the speed at which
+// the weights stream from memory. XLA's CPU matmul of 2-16 rows reads them at about half the
+// rate of its matrix-vector product of one (docs/BENCHMARKS.md); this kernel reads each weight
+// row once for all rows of x. The weight stays in Hugging Face's [out, in] layout. Tasks are
+// chunks of output columns, shared with the threads of XLA's own pool; each computes 4 rows of
+// x against 4 weight rows at a time in vector registers (GCC/Clang vector extensions).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;           // floats per vector
+constexpr int64_t kColumnsPerTask = 64;  // weight rows (output columns) per task
+typedef float Vector __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vector Load(const float* p) {
+  Vector v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+typedef int32_t Indices __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// The sum of a vector's lanes by halving (4 shuffles and adds rather than 15 scalar adds).
+inline float Sum(Vector v) {
+  v += __builtin_shuffle(v, Indices{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, Indices{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, Indices{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  v += __builtin_shuffle(v, Indices{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+  return v[0];
+}
+
+// out[m][n] for MT rows of x (from row m0) and NT weight rows (from row n0).
+template <int MT, int NT>
+void Tile(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t m0,
+          int64_t n0) {
+  Vector acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = Vector{};
+  const int64_t vector_end = K - K % kLanes;
+  for (int64_t k = 0; k < vector_end; k += kLanes) {
+    Vector wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = Load(w + (n0 + j) * K + k);
+    for (int i = 0; i < MT; ++i) {
+      const Vector xv = Load(x + (m0 + i) * K + k);
+      for (int j = 0; j < NT; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    for (int j = 0; j < NT; ++j) {
+      float total = Sum(acc[i][j]);
+      for (int64_t k = vector_end; k < K; ++k) total += x[(m0 + i) * K + k] * w[(n0 + j) * K + k];
+      out[(m0 + i) * N + n0 + j] = total;
+    }
+  }
+}
+
+template <int NT>
+void Rows(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
+          int64_t n0) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) Tile<4, NT>(x, w, out, K, N, m, n0);
+  switch (M - m) {
+    case 3: Tile<3, NT>(x, w, out, K, N, m, n0); break;
+    case 2: Tile<2, NT>(x, w, out, K, N, m, n0); break;
+    case 1: Tile<1, NT>(x, w, out, K, N, m, n0); break;
+    default: break;
+  }
+}
+
+void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
+             int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) Rows<4>(x, w, out, M, K, N, n);
+  for (; n < end; ++n) Rows<1>(x, w, out, M, K, N, n);
+}
+
+// Runs tasks 0..num_tasks-1 on this thread and on helpers from XLA's pool; returns when all are
+// done (as in paged_attention.cc).
+template <typename Task>
+void ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, const Task& task) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto drain = [counters, num_tasks, &task] {
+    for (int64_t i; (i = counters->next.fetch_add(1)) < num_tasks;) {
+      task(i);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_tasks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([counters, num_tasks, drain]() mutable {
+      if (counters->next.load() < num_tasks) drain();
+    });
+  }
+  drain();
+  while (counters->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
+}
+
+ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto x_dims = x.dimensions();
+  const auto w_dims = w.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "small_matmul: expected x [rows, in] and w [out, in] with the same in");
+  }
+  const int64_t M = x_dims[0], K = x_dims[1], N = w_dims[0];
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data();
+  float* out_data = out->typed_data();
+  const int64_t num_tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
+  ParallelFor(pool, num_tasks, [&](int64_t task) {
+    const int64_t begin = task * kColumnsPerTask;
+    Columns(x_data, w_data, out_data, M, K, N, begin, std::min(N, begin + kColumnsPerTask));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FolojaxSmallMatmul, SmallMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [rows, in]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [out, in]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, out]
