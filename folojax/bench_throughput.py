@@ -10,8 +10,8 @@ beyond one short call. With `--repeats N` the engines take turns, N rounds, and 
 median run: this machine's speed drifts by tens of percent over minutes, which a single run of
 each, minutes apart, mistakes for a difference between engines. transformers runs in a process
 of its own (spawned, waiting on a pipe between its turns), so neither engine runs in a heap or
-beside threads that the other left behind: measured on this CPU, folojax's first run after
-`generate_batch` in the same process took 0.6-0.7 s (~8%) longer.
+beside threads that the other left behind (folojax's first run after `generate_batch` in the
+same process was measurably slower: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -288,3 +288,47 @@ def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | No
                      f"{prefix.ttft_uncached * 1e3:.1f} ms without: x"
                      f"{prefix.ttft_uncached / prefix.ttft_cached:.1f}")
     return "\n".join(lines)
+
+
+def folojax_first_call(model_path: str, dtype: str, num_requests: int, min_prompt: int,
+                       max_prompt: int, max_tokens: int, start: float) -> dict:
+    """For bench --first-call, in a fresh process: LLM with its default settings, then the
+    workload twice. `start`: when the process started (imports count as load time)."""
+    from folojax.model.decoder import num_compiles
+
+    llm = LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
+              max_model_len=max_prompt + max_tokens)
+    loaded = time.perf_counter()
+    prompts = throughput_workload(llm.model.config.vocab_size, num_requests, min_prompt,
+                                  max_prompt)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    before = num_compiles("paged_step")
+    outputs = llm.generate(requests, sampling, use_tqdm=False)
+    first = time.perf_counter()
+    compiles = num_compiles("paged_step") - before
+    llm.reset_prefix_cache()
+    llm.generate(requests, sampling, use_tqdm=False)
+    return dict(load_seconds=loaded - start, first_seconds=first - start,
+                second_call_seconds=time.perf_counter() - first,
+                num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+                num_compiles=compiles)
+
+
+def hf_first_call(model_path: str, dtype: str, num_requests: int, min_prompt: int,
+                  max_prompt: int, max_tokens: int, start: float) -> dict:
+    """For bench --first-call, in a fresh process: transformers' load, then its static padded
+    generate of the workload twice."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, device = load_torch_model(model_path, dtype)
+    loaded = time.perf_counter()
+    prompts = throughput_workload(model.config.vocab_size, num_requests, min_prompt, max_prompt)
+    run = hf_static_runner(model, device, prompts, max_tokens)
+    first_result = run()
+    first = time.perf_counter()
+    second = run()
+    return dict(load_seconds=loaded - start, first_seconds=first - start,
+                second_call_seconds=second.seconds,
+                num_output_tokens=first_result.num_output_tokens)

@@ -64,6 +64,8 @@ def _check_bench(args) -> None:
 
 def _bench(args) -> int:
     _check_bench(args)
+    if args.first_call:
+        return _bench_first_call(args)
     if args.throughput:
         return _bench_throughput(args)
     from folojax.bench import format_results, run_bench
@@ -91,6 +93,21 @@ def _bench_throughput(args) -> int:
           f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
           f"rounds={args.repeats}")
     print(format_throughput(results, prefix))
+    return 0
+
+
+def _bench_first_call(args) -> int:
+    from folojax.bench_first_call import format_first_call, run_first_call_bench
+
+    if args.model is None:
+        raise ValueError("bench --first-call needs --model (as --throughput does)")
+    results = run_first_call_bench(args.model, args.dtype, args.num_requests,
+                                   args.min_prompt_len, args.max_prompt_len, args.max_tokens,
+                                   args.compare_hf)
+    print(f"model={args.model} dtype={args.dtype} requests={args.num_requests} "
+          f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens}, "
+          "LLM's default settings, each engine in a fresh process")
+    print(format_first_call(results))
     return 0
 
 
@@ -142,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--throughput", action="store_true",
                        help="many mixed-length requests through the engine (uses the options "
                             "below, --max-tokens and --compare-hf)")
+    bench.add_argument("--first-call", action="store_true",
+                       help="the --throughput workload's first call in fresh processes, load "
+                            "and compilation included, with folojax's caches cold and warm")
     bench.add_argument("--num-requests", type=int, default=48, help="--throughput: requests")
     bench.add_argument("--min-prompt-len", type=int, default=32,
                        help="--throughput: shortest prompt")

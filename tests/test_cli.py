@@ -110,3 +110,13 @@ def test_the_command_tunes_malloc_and_importing_folojax_does_not(monkeypatch):
     monkeypatch.setattr(host_malloc, "tune_host_malloc", lambda: calls.append(1) or True)
     main(["generate", "--prompt", ""])
     assert calls == [1]
+
+
+def test_bench_first_call_runs_each_engine_in_a_fresh_process(tiny_qwen3, capsys):
+    assert main(["bench", "--first-call", "--model", tiny_qwen3.path, "--num-requests", "2",
+                 "--min-prompt-len", "4", "--max-prompt-len", "8", "--max-tokens", "3",
+                 "--dtype", "float32", "--compare-hf"]) == 0
+    out = capsys.readouterr().out
+    for name in ("folojax, cold caches", "folojax, warm caches", "transformers"):
+        assert name in out
+    assert "folojax, warm caches / transformers, load + first call: x" in out

@@ -80,15 +80,25 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES) -> pathlib.Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name and rename: concurrent builds never load a partial file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        objects = [pathlib.Path(scratch) / f"{source.stem}.o" for source in sources]
+        # The sources compile side by side (one compiler process each), then link.
+        _run_all([[cxx, *FLAGS, "-c", "-I", jax.ffi.include_dir(), str(source), "-o", str(obj)]
+                  for source, obj in zip(sources, objects, strict=True)])
         partial = pathlib.Path(scratch) / library.name
-        command = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, sources), "-o",
-                   str(partial)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KernelBuildError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+        _run_all([[cxx, *FLAGS, *map(str, objects), "-o", str(partial)]])
         os.replace(partial, library)
     logger.info("built %s", library)
     return library
+
+
+def _run_all(commands: list[list[str]]) -> None:
+    """Runs the commands at once; raises KernelBuildError with the first failure's output."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
+    for command, process in zip(commands, processes, strict=True):
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise KernelBuildError(f"{' '.join(command)} failed:\n{stderr[-4000:]}")
 
 
 def load() -> bool:

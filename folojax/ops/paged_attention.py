@@ -10,18 +10,13 @@ per row at the end. The loop's trip count is traced, so lengths do not recompile
 loop body keeps each iteration's keys in the caches; XLA's CPU backend also fuses a gather into
 the following dot far less well outside a loop body.
 
-Measured on this CPU (Qwen3-small shapes, one layer; examples/attention_microbench.py): 48
-decode rows of 40-320 tokens 1.2-1.3x faster, and 21 prefill tiles of 8 prompts (32-256 tokens)
-2.9x faster, than every row walking the chunks of the furthest row.
-
 Keys per item and items per iteration (ChunkSizes) depend on the backend. On CPU: 64-key items,
-16 per iteration (64 queries per key in a prefill tile: ~2x faster than 16-key chunks). On a
-GPU every iteration launches its own kernels, so a few large iterations are better.
+16 per iteration (64 queries per key in a prefill tile). On a GPU every iteration launches its
+own kernels, so a few large iterations are better.
 
 On CPU with float32 caches (ChunkSizes.kernel "cpu") the same call runs a C++ kernel instead
 (csrc/paged_attention.cc, through XLA's FFI): it walks each row's blocks in place, with no
-gathered copy (one layer on this CPU, same microbenchmark, caches evicted: 48 decode rows 1.9
-against 3.1 ms, 21 prefill tiles 5.0 against 10.1 ms).
+gathered copy. examples/attention_microbench.py compares them; docs/BENCHMARKS.md has figures.
 
 A query sees the keys at positions <= its own; a padding query has position -1, sees none and
 gets zeros.

@@ -1,14 +1,16 @@
 """The paged KV cache: per layer, one pool of fixed-size blocks shared by all requests.
 
 Each layer's keys (and values) are one array [num_blocks, kv_heads, block_size, head_dim]: block b
-is one contiguous [kv_heads, block_size, head_dim] slab, so attention gathers each of a row's
-blocks in one piece (examples/attention_microbench.py on CPU, 48 decode rows: best 2.7-2.8 ms
-against 3.5-3.8 ms for heads-first [kv_heads, num_blocks, ...], which gathers a slab per head;
-prefill tiles the same).
+is one contiguous [kv_heads, block_size, head_dim] slab, so attention reads each of a row's
+blocks in one piece (faster than heads-first [kv_heads, num_blocks, ...]: docs/BENCHMARKS.md).
 Token slot `b * block_size + offset` is offset `offset` of block b. Which blocks belong to which
 request is host-side bookkeeping (engine/kv_cache_manager.py); the device sees block tables and
-slot numbers. As in ops/kv_cache.py, each layer has its own buffers so that a donated step
-updates them in place.
+slot numbers. Each layer has its own buffers, so that a donated step updates them in place (a
+scatter into one stacked [layers, ...] buffer copies all of it).
+
+The functional API (folojax.generate, prefill, decode_step) uses the same cache with fixed rows:
+`init_cache` gives row b its own run of blocks, and the cache carries those block tables and each
+row's length.
 """
 
 import dataclasses

@@ -59,7 +59,7 @@ def argmax(logits: jax.Array) -> jax.Array:
     Done as the maximum of each slice of the vocab (128 wide, or the largest power of two that
     divides the vocab), the argmax over those maxima, then the argmax inside the winning slice:
     XLA's CPU backend runs the first as a vectorized reduction and jnp.argmax's paired (value,
-    index) reduction as a scalar loop (48 rows of Qwen3's 151,936 logits: ~1.4 ms against ~4 ms).
+    index) reduction as a scalar loop (several times slower; docs/BENCHMARKS.md).
     One difference: XLA's CPU max skips NaN, so for a row holding NaN the result can differ from
     jnp.argmax's first NaN.
     """
