@@ -151,3 +151,37 @@ def test_heads_not_divisible_by_kv_heads(tiny_qwen3, tmp_path):
 def test_unsupported_dtype():
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         folojax.load_model(None, dtype="int8")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": "abc"}, "LLM seed must be an int"), ({"seed": -1}, "LLM seed must be an int"),
+    ({"max_model_len": 0}, "max_model_len must be a positive int or None, got 0"),
+    ({"max_logprobs": -1}, "max_logprobs must be an int >= 0"),
+])
+def test_bad_engine_arguments_fail_before_the_model_loads(kwargs, message):
+    # The path does not exist: the argument is rejected before anything tries to load it.
+    with pytest.raises(ValueError, match=message):
+        folojax.LLM("/no/such/model", **kwargs)
+
+
+def test_bools_are_not_token_ids(llm):
+    with pytest.raises(ValueError, match=r"invalid token ids .*: \[True\]"):
+        llm.generate([{"prompt_token_ids": [5, True]}], GREEDY, use_tqdm=False)
+    assert_still_works(llm)
+
+
+def test_forward_names_out_of_range_and_non_integer_ids(tiny_qwen3):
+    model = tiny_qwen3.model
+    with pytest.raises(ValueError, match=r"outside \[0, 320\): \[320, -1\]"):
+        folojax.forward(model.params, model.config, [[3, 320, -1]])
+    with pytest.raises(TypeError, match="token_ids must be integers, got dtype bool"):
+        folojax.forward(model.params, model.config, [[True, False]])
+
+
+def test_functional_generate_needs_a_cache_with_rows(tiny_qwen3):
+    from folojax.ops.paged_kv_cache import init_paged_cache
+
+    model = tiny_qwen3.model
+    pool = init_paged_cache(model.config, num_blocks=4, block_size=16)
+    with pytest.raises(TypeError, match="cache must come from folojax.init_cache"):
+        folojax.generate(model.params, pool, jax.random.key(0), [3, 4], config=model.config)

@@ -174,3 +174,10 @@ def test_seeded_request_gives_same_tokens_alone_and_in_a_mixed_batch(tiny_qwen3)
     different_seed = run([prompt], [folojax.SamplingParams(
         temperature=0.9, top_p=0.95, top_k=40, seed=4321, max_tokens=15, ignore_eos=True)], 1, 0)
     assert different_seed[0] != alone
+
+
+def test_host_derived_seed_keys_equal_jax_random_key():
+    for seed in (0, 1, 12345, 2**32 - 1):
+        np.testing.assert_array_equal(seed_key_data(seed),
+                                      np.asarray(jax.random.key_data(jax.random.key(seed))))
+    assert seed_key_data(2**40 + 7).tolist() == [2**8, 7]  # high, then low 32 bits
