@@ -56,6 +56,8 @@ def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: M
     """Appends rows[b] to row b (rows left out get nothing); returns (logits [batch, vocab] of
     each row's last new token, zeros for rows left out, new cache)."""
     _check_rows_cache(cache)
+    if not rows:  # nothing to compute
+        return jnp.zeros((cache.batch_size, config.vocab_size), jnp.float32), cache
     lengths = np.array(cache.lengths)
     tables = np.asarray(cache.block_tables)
     scheduled, block_tables = [], {}

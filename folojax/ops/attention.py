@@ -1,8 +1,8 @@
-"""Causal grouped-query attention over a contiguous run of keys (the cache, or this step's keys).
+"""Dense causal grouped-query attention over a contiguous run of keys: the reference `forward`'s
+(folojax/model/decoder.py). Every step with a cache attends through ops/paged_attention.py.
 
 Every query at absolute position p sees the keys at positions <= p that are among its row's first
-`kv_lengths[row]` keys. That one rule covers a fresh prefill, a prefill continuing a cached
-sequence, and batched decode of rows with different lengths.
+`kv_lengths[row]` keys.
 """
 
 import jax

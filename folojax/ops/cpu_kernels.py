@@ -25,8 +25,9 @@ from folojax.env import switched_off
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.cc", "matmul.cc"))
+SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
+SOURCES = tuple(SOURCE_DIR / name for name in ("paged_attention.cc", "matmul.cc"))
+HEADERS = tuple(SOURCE_DIR / name for name in ("parallel_for.h",))
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
 SMALL_MATMUL_TARGET = "folojax_small_matmul"
 # FFI target -> the handler symbol the library exports.
@@ -71,9 +72,9 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES) -> pathlib.Path:
     """One shared library of `sources`, compiled unless the cache already holds it."""
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([*(source.read_text() for source in sources), " ".join(FLAGS),
-                                    version, jaxlib.__version__, _cpu_flags()]).encode()
-                         ).hexdigest()
+    key = hashlib.sha256("\n".join([*(path.read_text() for path in (*sources, *HEADERS)),
+                                    " ".join(FLAGS), version, jaxlib.__version__, _cpu_flags()]
+                                   ).encode()).hexdigest()
     library = cache_dir() / f"folojax-kernels-{key[:16]}.so"
     if library.exists():
         return library

@@ -143,3 +143,21 @@ def test_params_are_typed_with_fused_projections(tiny):
                                   state["model.layers.0.mlp.up_proj.weight"].numpy())
     assert (params.layers[0].attention.qkv.bias is not None) == config.attention_bias
     assert (params.lm_head is None) == config.tie_word_embeddings
+
+
+def test_decode_step_leaves_inactive_rows_as_they_are(tiny_qwen3):
+    model = tiny_qwen3.model
+    cache = folojax.init_cache(model.config, batch_size=2, max_seq_len=32)
+    _, cache = folojax.prefill(model.params, cache, [[5, 6, 7], [8, 9, 10]], [3, 2], model.config)
+    logits, cache = folojax.decode_step(model.params, cache, [11, 12], model.config,
+                                        active=[False, True])
+    assert np.asarray(cache.lengths).tolist() == [3, 3]
+    assert not np.asarray(logits)[0].any() and np.asarray(logits)[1].any()
+    logits, cache = folojax.decode_step(model.params, cache, [1, 1], model.config,
+                                        active=[False, False])
+    assert np.asarray(cache.lengths).tolist() == [3, 3] and not np.asarray(logits).any()
+    _, cache = folojax.prefill(model.params, cache, [[0], [0]], [0, 0], model.config)
+    # Row 1 holds 8, 9, 12: its logits after 13 match the dense forward's.
+    logits, _ = folojax.decode_step(model.params, cache, [0, 13], model.config,
+                                    active=[False, True])
+    assert_close(logits[1], folojax.forward(model.params, model.config, [[8, 9, 12, 13]])[0, -1])

@@ -9,12 +9,10 @@
 // x against 4 weight rows at a time in vector registers (GCC/Clang vector extensions).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -87,30 +85,6 @@ void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, i
   for (; n < end; ++n) Rows<1>(x, w, out, M, K, N, n);
 }
 
-// Runs tasks 0..num_tasks-1 on this thread and on helpers from XLA's pool; returns when all are
-// done (as in paged_attention.cc).
-template <typename Task>
-void ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, const Task& task) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto drain = [counters, num_tasks, &task] {
-    for (int64_t i; (i = counters->next.fetch_add(1)) < num_tasks;) {
-      task(i);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_tasks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([counters, num_tasks, drain]() mutable {
-      if (counters->next.load() < num_tasks) drain();
-    });
-  }
-  drain();
-  while (counters->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
-}
-
 ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
@@ -124,7 +98,8 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* w_data = w.typed_data();
   float* out_data = out->typed_data();
   const int64_t num_tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
-  ParallelFor(pool, num_tasks, [&](int64_t task) {
+  struct NoState {};
+  folojax::ParallelFor<NoState>(pool, num_tasks, [&](int64_t task, NoState&) {
     const int64_t begin = task * kColumnsPerTask;
     Columns(x_data, w_data, out_data, M, K, N, begin, std::min(N, begin + kColumnsPerTask));
   });

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -259,31 +260,6 @@ void AttendTask(const Shapes& s, const float* q, const float* k_cache, const flo
   }
 }
 
-// Runs tasks 0..num_tasks-1 on this thread and on helpers from XLA's pool, and returns when all
-// are done. Helpers that start late find no task left and touch nothing but the shared counters.
-template <typename Task>
-void ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, const Task& task) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto drain = [counters, num_tasks, &task] {
-    Scratch scratch;
-    for (int64_t i; (i = counters->next.fetch_add(1)) < num_tasks;) {
-      task(i, scratch);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_tasks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([counters, num_tasks, &task, drain]() mutable {
-      if (counters->next.load() < num_tasks) drain();
-    });
-  }
-  drain();
-  while (counters->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
-}
-
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                           ffi::Buffer<ffi::S32> item_rows, ffi::Buffer<ffi::S32> item_blocks,
@@ -323,7 +299,8 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* v_data = v_cache.typed_data();
   float* out_data = out->typed_data();
   auto run = [&](auto attend) {
-    ParallelFor(pool, s.rows * s.kv_heads, [&](int64_t task, Scratch& scratch) {
+    const int64_t num_tasks = s.rows * s.kv_heads;
+    folojax::ParallelFor<Scratch>(pool, num_tasks, [&](int64_t task, Scratch& scratch) {
       attend(s, q_data, k_data, v_data, positions, row_blocks, out_data, task / s.kv_heads,
              task % s.kv_heads, scratch);
     });
