@@ -56,3 +56,28 @@ def test_each_logprobs_n_is_no_compile_of_its_own(tiny_qwen3):
     assert folojax.num_compiles("paged_step") - before <= 10
     with pytest.raises(ValueError, match="logprobs=21 exceeds max_logprobs=20"):
         llm.generate(prompt, folojax.SamplingParams(logprobs=21))
+
+
+def test_a_prefill_step_without_decodes_shares_the_next_steps_shape(tiny_qwen3):
+    from folojax.engine.kv_cache_manager import KVCacheManager
+    from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
+    from folojax.ops.paged_attention import default_chunk_sizes
+    from folojax.runner.prepare import build_step
+    from tests.test_block_pool import make_request
+
+    manager = KVCacheManager(num_blocks=16, block_size=16)
+    prompt, decoding = make_request("p", list(range(3, 40))), make_request("d", [5, 6])
+    for request in (prompt, decoding):
+        manager.allocate_slots(request, request.num_tokens)
+    tables = {r.request_id: manager.block_ids(r.request_id) for r in (prompt, decoding)}
+    chunks = default_chunk_sizes()
+
+    def shapes(scheduled):
+        batch = build_step(SchedulerOutput(scheduled, [], []), tables, 16, 256, 320, (), chunks)
+        return jax.tree.map(lambda a: a.shape, (batch.inputs, batch.sampler))
+
+    # The same sampling rows (the prompt's), with and without a decode row beside the prefill.
+    alone = shapes([ScheduledRequest(prompt, 37, 0, True)])
+    beside = shapes([ScheduledRequest(decoding, 1, 1, False), ScheduledRequest(prompt, 37, 0,
+                                                                              True)])
+    assert alone == beside

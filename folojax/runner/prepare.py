@@ -78,8 +78,10 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
     num_sampling = sum(1 for s in output.scheduled if s.samples)
-    # Beside a prefill, decode rows and sampling rows share one coarse bucket (see rows_bucket).
-    num_rows = (rows_bucket(max(len(decodes), num_sampling), coarse=True) if prefills and decodes
+    # Beside a prefill, decode rows (padding ones too, if it has none) and sampling rows share
+    # one coarse bucket (see rows_bucket): a prefill step with no decodes shares its compile with
+    # the next, which decodes what it admitted.
+    num_rows = (rows_bucket(max(len(decodes), num_sampling), coarse=True) if prefills
                 else rows_bucket(len(decodes)))
     num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
     num_tokens = num_rows + num_prefill_tokens
@@ -127,7 +129,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
     sampling = [item for item in output.scheduled if item.samples]
     sampling_requests = [item.request for item in sampling]
-    num_sampling_rows = num_rows if prefills and decodes else rows_bucket(len(sampling))
+    num_sampling_rows = num_rows if prefills else rows_bucket(len(sampling))
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sampling)] = [sample_index[id(item)] for item in sampling]
     inputs = StepInputs(
@@ -135,7 +137,8 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
                                 positions[:len(decodes)], block_size, chunks.decode,
                                 chunks.decode_items,
-                                chunks.work_items_bucket(chunks.decode_items)),
+                                chunks.work_items_bucket(chunks.decode_items),
+                                keep_a_bucket=num_rows > 0),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
         prefill_items=work_items(tile_tables, tile_last_positions, block_size, chunks.prefill,
@@ -149,14 +152,18 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
 def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: int,
                keys_per_item: int, items_per_iteration: int,
-               items_bucket: int | None = None) -> WorkItems:
+               items_bucket: int | None = None, keep_a_bucket: bool = False) -> WorkItems:
     """Splits each row's keys, up to its furthest query's position, into work items of
-    keys_per_item keys (whole blocks); items are padded to a bucket that is a multiple of
-    items_per_iteration."""
+    keys_per_item keys (whole blocks). Items are padded to `items_bucket` (default 4 x
+    items_per_iteration) times a power of two: the count changes as contexts grow, and a coarse
+    bucket keeps that from recompiling often. `keep_a_bucket`: one bucket even with no items
+    (rows that are all padding)."""
     per_item = chunk_blocks(block_size, keys_per_item)
     counts = -(-(np.asarray(last_positions, np.int64) + 1) // (per_item * block_size))
     num_real = int(counts.sum())
-    num_items = _padded(num_real, items_bucket or 4 * items_per_iteration)
+    items_bucket = items_bucket or 4 * items_per_iteration
+    num_items = (bucket(max(num_real, 1), items_bucket) if keep_a_bucket
+                 else _padded(num_real, items_bucket))
     rows = np.zeros(num_items, np.int32)
     blocks = np.zeros((num_items, per_item), np.int32)
     starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
