@@ -17,8 +17,9 @@ steps = 0
 while engine.has_unfinished_requests():
     for output in engine.step():  # each output is cumulative: print what is new
         text = output.outputs[0].text
-        print(f"[{output.request_id}] +{text[printed[output.request_id]:]!r}")
-        printed[output.request_id] = len(text)
+        if len(text) > printed[output.request_id]:
+            print(f"[{output.request_id}] +{text[printed[output.request_id]:]!r}")
+            printed[output.request_id] = len(text)
         if output.finished:
             print(f"[{output.request_id}] done: {text!r} (TTFT {output.metrics.ttft * 1e3:.0f} ms)")
     steps += 1
