@@ -185,3 +185,14 @@ def test_functional_generate_needs_a_cache_with_rows(tiny_qwen3):
     pool = init_paged_cache(model.config, num_blocks=4, block_size=16)
     with pytest.raises(TypeError, match="cache must come from folojax.init_cache"):
         folojax.generate(model.params, pool, jax.random.key(0), [3, 4], config=model.config)
+
+
+def test_prefill_and_decode_step_name_bad_ids_and_a_full_row(tiny_qwen3):
+    model = tiny_qwen3.model
+    cache = folojax.init_cache(model.config, batch_size=1, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"row 0 has token ids outside \[0, 320\): \[999\]"):
+        folojax.prefill(model.params, cache, [[3, 999]], [2], model.config)
+    logits, cache = folojax.prefill(model.params, cache, [3] * 16, [16], model.config)
+    with pytest.raises(ValueError, match="row 0 holds 16 tokens: 1 more exceed the cache's "
+                                         "max_seq_len=16"):
+        folojax.decode_step(model.params, cache, [4], model.config)

@@ -62,6 +62,10 @@ def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: M
     tables = np.asarray(cache.block_tables)
     scheduled, block_tables = [], {}
     for row, ids in rows.items():
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"row {row} has token ids outside [0, {config.vocab_size}): "
+                             f"{bad[:5]}")
         if lengths[row] + len(ids) > cache.max_seq_len:
             raise ValueError(f"row {row} holds {lengths[row]} tokens: {len(ids)} more exceed "
                              f"the cache's max_seq_len={cache.max_seq_len}")
@@ -82,6 +86,7 @@ def prefill(params, cache: PagedKVCache, token_ids, num_tokens, config: ModelCon
     """Writes prompts [batch, seq] (row b: its first num_tokens[b] ids) after each row's cached
     tokens; returns (last-token logits [batch, vocab] float32, new cache). Donates `cache`."""
     token_ids = np.asarray(token_ids)
+    token_ids = token_ids[None] if token_ids.ndim == 1 else token_ids
     num_tokens = np.asarray(num_tokens).reshape(-1)
     rows = {row: token_ids[row, :n].tolist() for row, n in enumerate(num_tokens.tolist()) if n}
     return _row_step(params, cache, rows, config)
