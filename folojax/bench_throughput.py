@@ -231,7 +231,7 @@ def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: in
 
 def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
-                         max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                         max_num_seqs: int = 256, max_num_batched_tokens: int = 1024,
                          prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1):
     from folojax.weights.loader import resolve_dtype
 

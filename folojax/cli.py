@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--throughput: shortest prompt")
     bench.add_argument("--max-prompt-len", type=int, default=256,
                        help="--throughput: longest prompt")
-    bench.add_argument("--max-num-seqs", type=int, default=64,
+    bench.add_argument("--max-num-seqs", type=int, default=256,
                        help="--throughput: requests running at once")
     bench.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="--throughput: tokens computed per step")
