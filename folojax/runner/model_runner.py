@@ -37,6 +37,8 @@ class StepResult:
 
 
 class ModelRunner:
+    """The model on its device: one call per step, the cache kept (and donated) across calls."""
+
     def __init__(self, params, config: ModelConfig, cache: PagedKVCache, max_num_seqs: int,
                  eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None):
         self.params = params

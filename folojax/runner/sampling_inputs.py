@@ -44,7 +44,8 @@ def seed_key_data(seed: int) -> np.ndarray:
 
 
 def spawned_key_data(entropy: int, index: int) -> np.ndarray:
-    """Key data for the index-th unseeded request of an engine seeded with `entropy`."""
+    """Key data spawned from (entropy, index): an engine's index-th unseeded request (entropy:
+    the engine's seed), or completion `index` of a seeded request (entropy: its seed)."""
     return np.random.SeedSequence(entropy, spawn_key=(index,)).generate_state(2, np.uint32)
 
 
