@@ -98,17 +98,9 @@ def bench_llm(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
     def run():
         start = time.perf_counter()
         outputs = llm.generate(requests, sampling, use_tqdm=False)
-        return outputs, time.perf_counter() - start
+        return outputs[0].metrics, time.perf_counter() - start
 
-    compiles_before = num_compiles()
-    _, warmup_seconds = run()
-    compiles = num_compiles() - compiles_before
-    runs = [run() for _ in range(repeats)]
-    ttft = statistics.median(outputs[0].metrics.ttft for outputs, _ in runs)
-    tpot = statistics.median(outputs[0].metrics.tpot for outputs, _ in runs)
-    steady = statistics.median(seconds for _, seconds in runs)
-    return BenchResult("folojax LLM", ttft, tpot, len(prompts), len(prompts[0]),
-                       compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
+    return _timed_runs("folojax LLM", run, prompts, repeats)
 
 
 def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
@@ -120,16 +112,22 @@ def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
         start = time.perf_counter()
         result = generate(model.params, cache, jax.random.key(0), prompts, config=model.config,
                           sampling=sampling)
-        return result, time.perf_counter() - start
+        return result.metrics[0], time.perf_counter() - start
 
+    return _timed_runs("folojax", run, prompts, repeats)
+
+
+def _timed_runs(name: str, run, prompts, repeats: int) -> BenchResult:
+    """A warm-up run (it compiles: counted and timed), then `repeats` runs, medians reported.
+    `run() -> (the first request's RequestMetrics, seconds)`."""
     compiles_before = num_compiles()
     _, warmup_seconds = run()
     compiles = num_compiles() - compiles_before
     runs = [run() for _ in range(repeats)]
-    ttft = statistics.median(r.metrics[0].ttft for r, _ in runs)
-    tpot = statistics.median(r.metrics[0].tpot for r, _ in runs)
+    ttft = statistics.median(metrics.ttft for metrics, _ in runs)
+    tpot = statistics.median(metrics.tpot for metrics, _ in runs)
     steady = statistics.median(seconds for _, seconds in runs)
-    return BenchResult("folojax", ttft, tpot, len(prompts), len(prompts[0]),
+    return BenchResult(name, ttft, tpot, len(prompts), len(prompts[0]),
                        compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
 
 

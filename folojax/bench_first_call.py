@@ -13,6 +13,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+
+from folojax.bench import load_torch_model
+from folojax.bench_throughput import hf_static_runner, throughput_workload
+from folojax.engine.llm import LLM
+from folojax.sampling_params import SamplingParams
 
 _CHILD = """
 import json, sys, time
@@ -20,7 +26,7 @@ start = time.perf_counter()
 engine, model_path, dtype, num_requests, min_prompt, max_prompt, max_tokens = sys.argv[1:8]
 num_requests, min_prompt, max_prompt, max_tokens = map(int, (num_requests, min_prompt,
                                                              max_prompt, max_tokens))
-from folojax.bench_throughput import folojax_first_call, hf_first_call
+from folojax.bench_first_call import folojax_first_call, hf_first_call
 run = folojax_first_call if engine == "folojax" else hf_first_call
 result = run(model_path, dtype, num_requests, min_prompt, max_prompt, max_tokens, start)
 print("RESULT " + json.dumps(result))
@@ -80,3 +86,47 @@ def format_first_call(results: list[FirstCallResult]) -> str:
                              f"{reference.first_seconds / r.first_seconds:.2f}; second call: x"
                              f"{reference.second_call_seconds / r.second_call_seconds:.2f}")
     return "\n".join(lines)
+
+
+def folojax_first_call(model_path: str, dtype: str, num_requests: int, min_prompt: int,
+                       max_prompt: int, max_tokens: int, start: float) -> dict:
+    """For bench --first-call, in a fresh process: LLM with its default settings, then the
+    workload twice. `start`: when the process started (imports count as load time)."""
+    from folojax.model.decoder import num_compiles
+
+    llm = LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
+              max_model_len=max_prompt + max_tokens)
+    loaded = time.perf_counter()
+    prompts = throughput_workload(llm.model.config.vocab_size, num_requests, min_prompt,
+                                  max_prompt)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    before = num_compiles("paged_step")
+    outputs = llm.generate(requests, sampling, use_tqdm=False)
+    first = time.perf_counter()
+    compiles = num_compiles("paged_step") - before
+    llm.reset_prefix_cache()
+    llm.generate(requests, sampling, use_tqdm=False)
+    return dict(load_seconds=loaded - start, first_seconds=first - start,
+                second_call_seconds=time.perf_counter() - first,
+                num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+                num_compiles=compiles)
+
+
+def hf_first_call(model_path: str, dtype: str, num_requests: int, min_prompt: int,
+                  max_prompt: int, max_tokens: int, start: float) -> dict:
+    """For bench --first-call, in a fresh process: transformers' load, then its static padded
+    generate of the workload twice."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, device = load_torch_model(model_path, dtype)
+    loaded = time.perf_counter()
+    prompts = throughput_workload(model.config.vocab_size, num_requests, min_prompt, max_prompt)
+    run = hf_static_runner(model, device, prompts, max_tokens)
+    first_result = run()
+    first = time.perf_counter()
+    second = run()
+    return dict(load_seconds=loaded - start, first_seconds=first - start,
+                second_call_seconds=second.seconds,
+                num_output_tokens=first_result.num_output_tokens)

@@ -2,11 +2,10 @@
 (folojax/ops/step_inputs.py says what each array means).
 
 A prefill chunk's last attention tile is padded; the flat tokens, which the dense layers
-compute, are not. Decode rows and prefill tiles attend
-through work items, one chunk of the row's (tile's) blocks each, up to its furthest query.
-Dimensions are padded to buckets (decode rows and sampling rows to 1, 2, 4, then multiples of 8
-up to 64; prefill tokens to multiples of 32 up to 128 and of 128 up to 1024, work items
-to multiples of 4 x items per iteration, powers of two beyond; tiles to powers of two), so the
+compute, are not. Decode rows and prefill tiles attend through work items, one chunk of the
+row's (tile's) blocks each, up to its furthest query. Dimensions are padded to buckets (decode
+and sampling rows: rows_bucket; prefill tokens to multiples of 32 up to 128 and of 128 up to
+1024; work items to a ChunkSizes bucket times a power of two; tiles to powers of two), so the
 step compiles once per bucket combination. Sampling rows follow the order of the scheduled
 requests.
 """
@@ -77,11 +76,11 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     that row (see StepInputs.token_sources)."""
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-    num_sampling = sum(1 for s in output.scheduled if s.samples)
+    sampling = [item for item in output.scheduled if item.samples]
     # Beside a prefill, decode rows (padding ones too, if it has none) and sampling rows share
     # one coarse bucket (see rows_bucket): a prefill step with no decodes shares its compile with
     # the next, which decodes what it admitted.
-    num_rows = (rows_bucket(max(len(decodes), num_sampling), coarse=True) if prefills
+    num_rows = (rows_bucket(max(len(decodes), len(sampling)), coarse=True) if prefills
                 else rows_bucket(len(decodes)))
     num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
     num_tokens = num_rows + num_prefill_tokens
@@ -127,7 +126,6 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     tile_positions = prefill_positions[tile_token_indices]
     tile_last_positions = tile_positions[:len(tile_tables)].max(axis=1, initial=-1)
 
-    sampling = [item for item in output.scheduled if item.samples]
     sampling_requests = [item.request for item in sampling]
     num_sampling_rows = num_rows if prefills else rows_bucket(len(sampling))
     indices = np.zeros(num_sampling_rows, np.int32)
