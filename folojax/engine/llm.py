@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from folojax.config import EngineConfig, KVCacheConfig, ModelConfig, SchedulerConfig
 from folojax.engine.kv_cache_manager import cdiv
 from folojax.engine.llm_engine import LLMEngine
+from folojax.engine.validation import validate_seed
 from folojax.ops.paged_kv_cache import cache_bytes_per_token
 from folojax.outputs import RequestOutput
 from folojax.sampling_params import SamplingParams
@@ -169,8 +170,7 @@ class LLM:
 
 def _check_engine_args(seed, max_model_len, max_logprobs) -> None:
     """The checks that need no model, made before it loads."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"LLM seed must be an int in [0, 2**64), got {seed!r}")
+    validate_seed(seed, "LLM")
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(
             max_model_len, int) or max_model_len <= 0):
         raise ValueError(f"max_model_len must be a positive int or None, got {max_model_len!r}")

@@ -16,7 +16,7 @@ from folojax.config import EngineConfig
 from folojax.engine.engine_core import EngineCore
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
-from folojax.engine.validation import validate_request
+from folojax.engine.validation import validate_request, validate_seed
 from folojax.ops.paged_kv_cache import init_paged_cache
 from folojax.outputs import CompletionOutput, RequestOutput
 from folojax.runner.model_runner import ModelRunner
@@ -39,8 +39,7 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig, seed: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        validate_seed(seed, "LLMEngine")
         self.model = model
         self.config = config
         pool = config.kv_cache

@@ -3,9 +3,15 @@ a request that could never run raises here, naming the problem, and nothing is q
 
 import numpy as np
 
-from folojax.sampling_params import SamplingParams
+from folojax.sampling_params import SEED_LIMIT, SamplingParams
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's default limit on SamplingParams.logprobs
+
+
+def validate_seed(seed, owner: str) -> None:
+    """Raises ValueError unless `seed` is an int in [0, 2**64) (the range of a key's data)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{owner} seed must be an int in [0, 2**64), got {seed!r}")
 
 
 def validate_prompt(prompt, vocab_size: int, room: int, where: str = "prompt") -> None:
