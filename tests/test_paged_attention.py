@@ -2,7 +2,10 @@
 gather loop (kernel "xla") and the C++ kernel (kernel "cpu", where it builds)."""
 
 import logging
+import threading
+import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,3 +173,21 @@ def test_write_slots_and_copy_blocks_address_whole_blocks():
     expected_k[0], expected_v[0] = expected_k[2], expected_v[2]
     np.testing.assert_array_equal(cache.k[1], expected_k)
     np.testing.assert_array_equal(cache.v[1], expected_v)
+
+
+def test_a_load_started_in_the_background_is_waited_for_and_done_once(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    builds = []
+
+    def slow_build() -> bool:
+        time.sleep(0.3)
+        builds.append(threading.current_thread().name)
+        return True
+
+    monkeypatch.setattr(cpu_kernels, "_build_and_register", slow_build)
+    cpu_kernels.start_loading()
+    assert cpu_kernels.load() is True  # waits for the build in flight rather than starting one
+    assert len(builds) == 1
+    cpu_kernels.start_loading()  # loaded already: no second build
+    assert cpu_kernels.load() is True and len(builds) == 1

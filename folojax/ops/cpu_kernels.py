@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jaxlib
@@ -36,6 +37,7 @@ TARGETS = {PAGED_ATTENTION_TARGET: "FolojaxPagedAttention",
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)
+_load_lock = threading.Lock()  # one load at a time: a second caller waits for the first's outcome
 
 
 class KernelBuildError(RuntimeError):
@@ -103,19 +105,33 @@ def _run_all(commands: list[list[str]]) -> None:
 
 
 def load() -> bool:
-    """Builds (once) and registers the kernels; False, with a warning, if they cannot be."""
-    if "loaded" not in _state:
-        _state["loaded"] = False
-        if enabled():
-            try:
-                library = ctypes.cdll.LoadLibrary(str(build()))
-                for target, symbol in TARGETS.items():
-                    jax.ffi.register_ffi_target(
-                        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-                _state["loaded"] = True
-            except (KernelBuildError, OSError) as error:
-                logger.warning("native CPU kernels unavailable, using the JAX path: %s", error)
+    """Builds (once) and registers the kernels; False, with a warning, if they cannot be. A call
+    while another thread loads them (start_loading) waits for that load."""
+    with _load_lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _build_and_register() if enabled() else False
     return _state["loaded"]
+
+
+def _build_and_register() -> bool:
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        return True
+    except (KernelBuildError, OSError) as error:
+        logger.warning("native CPU kernels unavailable, using the JAX path: %s", error)
+        return False
+
+
+def start_loading() -> None:
+    """Starts load() in a background thread, if the kernels will serve this backend and are not
+    loaded yet: a first build (seconds of compiler processes) then runs while the weights load.
+    The first caller of load() or available() waits for it."""
+    if "loaded" in _state or not enabled() or jax.default_backend() != "cpu":
+        return
+    threading.Thread(target=load, name="folojax-kernel-build", daemon=True).start()
 
 
 def available(backend: str | None = None) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
+from folojax.ops import cpu_kernels
 from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.params import build_params
 from folojax.weights.safetensors import read_safetensors
@@ -119,6 +120,7 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once."""
     path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
+    cpu_kernels.start_loading()  # a first build of the CPU kernels overlaps the weights' load
     gguf_file = path if path.endswith(".gguf") else None
     if gguf_file is None and os.path.isdir(path) and not os.path.isfile(
             os.path.join(path, "config.json")):
