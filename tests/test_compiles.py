@@ -81,3 +81,53 @@ def test_a_prefill_step_without_decodes_shares_the_next_steps_shape(tiny_qwen3):
     beside = shapes([ScheduledRequest(decoding, 1, 1, False), ScheduledRequest(prompt, 37, 0,
                                                                               True)])
     assert alone == beside
+
+
+def _record_step_rows(monkeypatch) -> list[int]:
+    """Patches the runner's jitted step to record each dispatched step's flat token count."""
+    from folojax.runner import model_runner
+
+    dispatched, step = [], model_runner.paged_step
+
+    def recording(params, cache, inputs, *args, **kwargs):
+        dispatched.append(inputs.token_ids.shape[0])
+        return step(params, cache, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "paged_step", recording)
+    return dispatched
+
+
+def test_a_step_of_a_new_shape_runs_padded_to_a_compiled_one_until_it_recurs(tiny_qwen3,
+                                                                             monkeypatch):
+    from folojax.runner.model_runner import PADDED_STEPS_BEFORE_COMPILE
+
+    def greedy(n):
+        return folojax.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    prompts = [{"prompt_token_ids": [3 + i, 4, 5, 6]} for i in range(8)]
+    lengths = [2 + 2 * i for i in range(8)]  # the requests finish one after another
+    alone = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32")
+    expected = [alone.generate(p, greedy(n), use_tqdm=False)[0].outputs[0].token_ids
+                for p, n in zip(prompts, lengths, strict=True)]
+    dispatched = _record_step_rows(monkeypatch)
+    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
+                      enable_prefix_caching=False)
+    outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    # One prefill step (8 rows + 32 prompt tokens), then decodes of 8 down to 1 request, which
+    # all run at the 8 rows compiled first (buckets 4, 2 and 1 are not compiled).
+    assert dispatched[0] == 8 + 32
+    assert set(dispatched[1:]) == {8} and len(dispatched) >= lengths[-1]
+
+    # One request alone: its prefill runs at the 8-request prefill's shape (no more than twice
+    # its own tokens), its decodes at 8 rows until 1-row decodes (counting the first call's)
+    # have recurred PADDED_STEPS_BEFORE_COMPILE times; then at their own shape.
+    dispatched.clear()
+    [output] = llm.generate(prompts[0], greedy(PADDED_STEPS_BEFORE_COMPILE + 4), use_tqdm=False)
+    decodes = dispatched[1:]
+    assert dispatched[0] == 8 + 32
+    assert decodes == sorted(decodes, reverse=True) and set(decodes) == {8, 1}
+    assert 0 < decodes.count(8) <= PADDED_STEPS_BEFORE_COMPILE
+    assert output.outputs[0].token_ids == alone.generate(
+        prompts[0], greedy(PADDED_STEPS_BEFORE_COMPILE + 4),
+        use_tqdm=False)[0].outputs[0].token_ids

@@ -44,6 +44,31 @@ class StepBatch:
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class StepSizes:
+    """A step's padded dimensions: decode (and, beside no prefill, sampling) rows, prefill
+    tokens, prefill tiles, and the decode and prefill work items."""
+
+    rows: int = 0
+    prefill_tokens: int = 0
+    tiles: int = 0
+    decode_items: int = 0
+    prefill_items: int = 0
+
+    @classmethod
+    def of(cls, batch: StepBatch) -> StepSizes:
+        inputs = batch.inputs
+        tiles = inputs.tile_token_indices.shape[0]
+        return cls(inputs.num_decode_rows, inputs.token_tile_indices.shape[0], tiles,
+                   inputs.decode_items.rows.shape[0], inputs.prefill_items.rows.shape[0])
+
+    def covers(self, other: StepSizes) -> bool:
+        """Every dimension at least other's, and prefill tiles (zero or not) alike."""
+        return (all(a >= b for a, b in zip(dataclasses.astuple(self),
+                                          dataclasses.astuple(other), strict=True))
+                and (self.tiles == 0) == (other.tiles == 0))
+
+
 def rows_bucket(n: int, coarse: bool = False) -> int:
     """Decode rows and sampling rows pad to 1, 2, 4, 8, then multiples of 8: a sampling row
     costs a vocab-sized logits row, and on CPU XLA's matmul of a few rows reads the weights
@@ -70,19 +95,23 @@ def prefill_token_bucket(n: int) -> int:
 
 def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
                num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...],
-               chunks: ChunkSizes, in_flight_rows: dict[str, int] | None = None) -> StepBatch:
+               chunks: ChunkSizes, in_flight_rows: dict[str, int] | None = None,
+               at_least: StepSizes | None = None) -> StepBatch:
     """The step's arrays. `in_flight_rows` maps each request that the step in flight samples
     for to its sampling row there: a token of this step that is not read back yet comes from
-    that row (see StepInputs.token_sources)."""
+    that row (see StepInputs.token_sources). `at_least`: pad each dimension to at least these
+    sizes (past its bucket), to run at the shape of a step already compiled (ModelRunner)."""
+    floor = at_least or StepSizes()
     decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
     prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
     sampling = [item for item in output.scheduled if item.samples]
     # Beside a prefill, decode rows (padding ones too, if it has none) and sampling rows share
     # one coarse bucket (see rows_bucket): a prefill step with no decodes shares its compile with
     # the next, which decodes what it admitted.
-    num_rows = (rows_bucket(max(len(decodes), len(sampling)), coarse=True) if prefills
-                else rows_bucket(len(decodes)))
-    num_prefill_tokens = prefill_token_bucket(sum(s.num_new_tokens for s in prefills))
+    num_rows = max(floor.rows, rows_bucket(max(len(decodes), len(sampling)), coarse=True)
+                   if prefills else rows_bucket(len(decodes)))
+    num_prefill_tokens = max(floor.prefill_tokens,
+                             prefill_token_bucket(sum(s.num_new_tokens for s in prefills)))
     num_tokens = num_rows + num_prefill_tokens
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.full(num_tokens, -1, np.int32)
@@ -115,7 +144,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
             tile_tables.append(block_tables[item.request.request_id])
         start += item.num_new_tokens
 
-    num_tiles = _padded(len(tile_starts), 1)  # 1, 2, 4, 8, ...
+    num_tiles = max(floor.tiles, _padded(len(tile_starts), 1))  # 1, 2, 4, 8, ...
     tile_token_indices = np.full((num_tiles, PREFILL_TILE), num_prefill_tokens, np.int32)
     token_tile_indices = np.zeros(num_prefill_tokens, np.int32)
     for tile, (first, end) in enumerate(tile_starts):
@@ -127,7 +156,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     tile_last_positions = tile_positions[:len(tile_tables)].max(axis=1, initial=-1)
 
     sampling_requests = [item.request for item in sampling]
-    num_sampling_rows = num_rows if prefills else rows_bucket(len(sampling))
+    num_sampling_rows = num_rows if prefills else max(floor.rows, rows_bucket(len(sampling)))
     indices = np.zeros(num_sampling_rows, np.int32)
     indices[:len(sampling)] = [sample_index[id(item)] for item in sampling]
     inputs = StepInputs(
@@ -136,12 +165,13 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
                                 positions[:len(decodes)], block_size, chunks.decode,
                                 chunks.decode_items,
                                 chunks.work_items_bucket(chunks.decode_items),
-                                keep_a_bucket=num_rows > 0),
+                                keep_a_bucket=num_rows > 0, min_items=floor.decode_items),
         tile_token_indices=tile_token_indices, tile_positions=tile_positions,
         token_tile_indices=token_tile_indices,
         prefill_items=work_items(tile_tables, tile_last_positions, block_size, chunks.prefill,
                                  chunks.prefill_items,
-                                 chunks.work_items_bucket(chunks.prefill_items)),
+                                 chunks.work_items_bucket(chunks.prefill_items),
+                                 min_items=floor.prefill_items),
         sample_indices=indices)
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids, in_flight_rows)
@@ -150,18 +180,20 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
 def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: int,
                keys_per_item: int, items_per_iteration: int,
-               items_bucket: int | None = None, keep_a_bucket: bool = False) -> WorkItems:
+               items_bucket: int | None = None, keep_a_bucket: bool = False,
+               min_items: int = 0) -> WorkItems:
     """Splits each row's keys, up to its furthest query's position, into work items of
     keys_per_item keys (whole blocks). Items are padded to `items_bucket` (default 4 x
     items_per_iteration) times a power of two: the count changes as contexts grow, and a coarse
     bucket keeps that from recompiling often. `keep_a_bucket`: one bucket even with no items
-    (rows that are all padding)."""
+    (rows that are all padding). `min_items`: pad to at least this many."""
     per_item = chunk_blocks(block_size, keys_per_item)
     counts = -(-(np.asarray(last_positions, np.int64) + 1) // (per_item * block_size))
     num_real = int(counts.sum())
     items_bucket = items_bucket or 4 * items_per_iteration
     num_items = (bucket(max(num_real, 1), items_bucket) if keep_a_bucket
                  else _padded(num_real, items_bucket))
+    num_items = max(num_items, min_items)
     rows = np.zeros(num_items, np.int32)
     blocks = np.zeros((num_items, per_item), np.int32)
     starts = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
