@@ -21,6 +21,9 @@ namespace {
 
 constexpr int64_t kLanes = 16;           // floats per vector
 constexpr int64_t kColumnsPerTask = 64;  // weight rows (output columns) per task
+// Each weight row is prefetched this far ahead of its loads (4 KB: across the page boundaries the
+// hardware prefetcher stops at, into the next rows); measured faster on SmolLM2's shapes.
+constexpr int64_t kPrefetchFloats = 1024;
 typedef float Vector __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline Vector Load(const float* p) {
@@ -50,7 +53,10 @@ void Tile(const float* x, const float* w, float* out, int64_t K, int64_t N, int6
   const int64_t vector_end = K - K % kLanes;
   for (int64_t k = 0; k < vector_end; k += kLanes) {
     Vector wv[NT];
-    for (int j = 0; j < NT; ++j) wv[j] = Load(w + (n0 + j) * K + k);
+    for (int j = 0; j < NT; ++j) {
+      __builtin_prefetch(w + (n0 + j) * K + k + kPrefetchFloats);
+      wv[j] = Load(w + (n0 + j) * K + k);
+    }
     for (int i = 0; i < MT; ++i) {
       const Vector xv = Load(x + (m0 + i) * K + k);
       for (int j = 0; j < NT; ++j) acc[i][j] += xv * wv[j];
