@@ -1,5 +1,5 @@
 """Decode's matmuls on CPU: XLA's dot against the C++ kernel (folojax/ops/csrc/matmul.cc), for
-1 to 32 rows, over SmolLM2-135M's fp32 weight shapes (30 layers of fused q/k/v, o, fused
+1 to 48 rows, over SmolLM2-135M's fp32 weight shapes (30 layers of fused q/k/v, o, fused
 gate/up and down, then the 49,152-row head): the rate each streams the weights at.
 
     python examples/matmul_microbench.py
@@ -35,7 +35,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     weights = [jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for shape in SHAPES]
     total = sum(w.nbytes for w in weights)
-    for rows in (1, 2, 4, 8, 16, 32):
+    for rows in (1, 2, 4, 8, 16, 24, 32, 48):
         xla = best_seconds(lambda x, w: x @ w.T, weights, rows)
         kernel = best_seconds(cpu_matmul.small_matmul, weights, rows)
         print(f"rows={rows:>2}: XLA {total / xla / 1e9:5.1f} GB/s ({xla * 1e3:5.1f} ms), "

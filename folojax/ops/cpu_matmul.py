@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from folojax.ops import cpu_kernels
 
-MAX_ROWS = 16  # above this XLA's matmul is compute-bound and does as well
+MAX_ROWS = 48  # measured: from 64 rows XLA's matmul does as well or better
 
 
 def serves(x: jax.Array, weight: jax.Array) -> bool:

@@ -5,12 +5,15 @@
 // the weights stream from memory. XLA's CPU matmul of 2-16 rows reads them at about half the
 // rate of its matrix-vector product of one (docs/BENCHMARKS.md); this kernel reads each weight
 // row once for all rows of x. The weight stays in Hugging Face's [out, in] layout. Tasks are
-// chunks of output columns, shared with the threads of XLA's own pool; each computes 4 rows of
-// x against 4 weight rows at a time in vector registers (GCC/Clang vector extensions).
+// chunks of output columns, shared with the threads of XLA's own pool. Up to 16 rows, a tile
+// computes 4 rows of x against 4 weight rows as dot products in vector registers (GCC/Clang
+// vector extensions); from 17 to 48 rows (a batch of decodes, where the arithmetic starts to
+// count) x is transposed once and a tile accumulates 8 output columns for every row at once.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -91,6 +94,64 @@ void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, i
   for (; n < end; ++n) Rows<1>(x, w, out, M, K, N, n);
 }
 
+// More rows than kMaxDotRows: x is transposed once into xt [K, padded_rows] (rows padded to a
+// multiple of kLanes with zeros). A tile of NT weight rows then computes every row of x as MV
+// vectors: for each k, MV vectors of xt times weight row j's k-th entry, broadcast. Nothing is
+// summed across lanes (the dot-product tile above sums each of its accumulators at the end,
+// which costs as much as the products when there are many rows), and each weight row still
+// streams from memory once.
+constexpr int64_t kMaxDotRows = 16;
+
+
+// acc [columns, MV * kLanes] += x[:, k0:k1] @ w[n0:n0 + columns, k0:k1].T, transposed: for each
+// k, MV vectors of xt times weight row j's k-th entry, broadcast.
+template <int MV, int NT>
+void BroadcastTile(const float* xt, const float* w, float* acc_out, int64_t K, int64_t n0,
+                   int64_t columns, int64_t k0, int64_t k1, bool first) {
+  constexpr int64_t kPadded = MV * kLanes;
+  const float* rows[NT];  // the tile's weight rows; past the last column, repeats of the last
+  for (int j = 0; j < NT; ++j) rows[j] = w + (n0 + std::min<int64_t>(j, columns - 1)) * K;
+  Vector acc[MV][NT];
+  for (int v = 0; v < MV; ++v)
+    for (int j = 0; j < NT; ++j)
+      acc[v][j] = first ? Vector{} : Load(acc_out + j * kPadded + v * kLanes);
+  for (int64_t kb = k0; kb < k1; kb += kLanes) {
+    // The next tile's rows, at the same k: the weight's lines arrive before they are read.
+    for (int j = 0; j < NT; ++j) __builtin_prefetch(rows[j] + NT * K + kb);
+    const int64_t k_end = std::min(k1, kb + kLanes);
+    for (int64_t k = kb; k < k_end; ++k) {
+      Vector xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = Load(xt + k * kPadded + v * kLanes);
+      for (int j = 0; j < NT; ++j) {
+        const float weight = rows[j][k];
+        for (int v = 0; v < MV; ++v) acc[v][j] += weight * xv[v];
+      }
+    }
+  }
+  for (int v = 0; v < MV; ++v)
+    for (int j = 0; j < NT; ++j) std::memcpy(acc_out + j * kPadded + v * kLanes, &acc[v][j],
+                                             sizeof(Vector));
+}
+
+// One task's columns [begin, end): depth blocks outermost, so each block of xt is read from L1
+// by every tile; partial sums live in a [columns, padded rows] buffer, written out at the end.
+template <int MV, int NT>
+void BroadcastColumns(const float* xt, const float* w, float* out, int64_t M, int64_t K,
+                      int64_t N, int64_t begin, int64_t end) {
+  constexpr int64_t kPadded = MV * kLanes;
+  // k per pass: the pass's slice of xt (16 KB) stays in L1 beside the partial sums.
+  constexpr int64_t kDepthBlock = 4096 / kPadded / kLanes * kLanes;
+  float partial[kColumnsPerTask + NT][kPadded];
+  for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
+    const int64_t k1 = std::min(K, k0 + kDepthBlock);
+    for (int64_t n = begin; n < end; n += NT)
+      BroadcastTile<MV, NT>(xt, w, partial[n - begin], K, n, std::min<int64_t>(NT, end - n), k0,
+                            k1, k0 == 0);
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = begin; n < end; ++n) out[m * N + n] = partial[n - begin][m];
+}
+
 ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
@@ -105,10 +166,30 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* out_data = out->typed_data();
   const int64_t num_tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
   struct NoState {};
-  folojax::ParallelFor<NoState>(pool, num_tasks, [&](int64_t task, NoState&) {
-    const int64_t begin = task * kColumnsPerTask;
-    Columns(x_data, w_data, out_data, M, K, N, begin, std::min(N, begin + kColumnsPerTask));
-  });
+  auto run = [&](auto columns) {
+    folojax::ParallelFor<NoState>(pool, num_tasks, [&](int64_t task, NoState&) {
+      const int64_t begin = task * kColumnsPerTask;
+      columns(begin, std::min(N, begin + kColumnsPerTask));
+    });
+  };
+  if (M <= kMaxDotRows) {
+    run([&](int64_t begin, int64_t end) { Columns(x_data, w_data, out_data, M, K, N, begin, end); });
+    return ffi::Error::Success();
+  }
+  const int64_t vectors = (M + kLanes - 1) / kLanes;
+  if (vectors > 3) {
+    return ffi::Error::InvalidArgument("small_matmul: at most 48 rows of x");
+  }
+  std::vector<float> xt(K * vectors * kLanes, 0.0f);  // [K, padded rows]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * vectors * kLanes + m] = x_data[m * K + k];
+  const float* t = xt.data();
+  // 24 accumulators each (of 32 vector registers).
+  if (vectors == 2) {
+    run([&](int64_t b, int64_t e) { BroadcastColumns<2, 12>(t, w_data, out_data, M, K, N, b, e); });
+  } else {
+    run([&](int64_t b, int64_t e) { BroadcastColumns<3, 8>(t, w_data, out_data, M, K, N, b, e); });
+  }
   return ffi::Error::Success();
 }
 
