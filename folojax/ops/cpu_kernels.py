@@ -31,9 +31,11 @@ SOURCES = tuple(SOURCE_DIR / name for name in ("paged_attention.cc", "matmul.cc"
 HEADERS = tuple(SOURCE_DIR / name for name in ("parallel_for.h",))
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
 SMALL_MATMUL_TARGET = "folojax_small_matmul"
+MANY_ROWS_MATMUL_TARGET = "folojax_many_rows_matmul"
 # FFI target -> the handler symbol the library exports.
 TARGETS = {PAGED_ATTENTION_TARGET: "FolojaxPagedAttention",
-           SMALL_MATMUL_TARGET: "FolojaxSmallMatmul"}
+           SMALL_MATMUL_TARGET: "FolojaxSmallMatmul",
+           MANY_ROWS_MATMUL_TARGET: "FolojaxManyRowsMatmul"}
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)

@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -94,15 +93,13 @@ void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, i
   for (; n < end; ++n) Rows<1>(x, w, out, M, K, N, n);
 }
 
-// More rows than kMaxDotRows: x is transposed once into xt [K, padded_rows] (rows padded to a
-// multiple of kLanes with zeros). A tile of NT weight rows then computes every row of x as MV
+// More rows (17 to 48: a batch of decodes, where the arithmetic starts to count): x comes
+// transposed, xt [K, padded rows] (rows padded to a multiple of kLanes with zeros; XLA
+// transposes it before the call). A tile of NT weight rows then computes every row of x as MV
 // vectors: for each k, MV vectors of xt times weight row j's k-th entry, broadcast. Nothing is
 // summed across lanes (the dot-product tile above sums each of its accumulators at the end,
 // which costs as much as the products when there are many rows), and each weight row still
 // streams from memory once.
-constexpr int64_t kMaxDotRows = 16;
-
-
 // acc [columns, MV * kLanes] += x[:, k0:k1] @ w[n0:n0 + columns, k0:k1].T, transposed: for each
 // k, MV vectors of xt times weight row j's k-th entry, broadcast.
 template <int MV, int NT>
@@ -152,6 +149,16 @@ void BroadcastColumns(const float* xt, const float* w, float* out, int64_t M, in
     for (int64_t n = begin; n < end; ++n) out[m * N + n] = partial[n - begin][m];
 }
 
+template <typename Columns>
+void ForColumnTasks(ffi::ThreadPool& pool, int64_t N, const Columns& columns) {
+  struct NoState {};
+  folojax::ParallelFor<NoState>(pool, (N + kColumnsPerTask - 1) / kColumnsPerTask,
+                                [&](int64_t task, NoState&) {
+                                  const int64_t begin = task * kColumnsPerTask;
+                                  columns(begin, std::min(N, begin + kColumnsPerTask));
+                                });
+}
+
 ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
@@ -164,33 +171,44 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* x_data = x.typed_data();
   const float* w_data = w.typed_data();
   float* out_data = out->typed_data();
-  const int64_t num_tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
-  struct NoState {};
-  auto run = [&](auto columns) {
-    folojax::ParallelFor<NoState>(pool, num_tasks, [&](int64_t task, NoState&) {
-      const int64_t begin = task * kColumnsPerTask;
-      columns(begin, std::min(N, begin + kColumnsPerTask));
-    });
-  };
-  if (M <= kMaxDotRows) {
-    run([&](int64_t begin, int64_t end) { Columns(x_data, w_data, out_data, M, K, N, begin, end); });
-    return ffi::Error::Success();
-  }
-  const int64_t vectors = (M + kLanes - 1) / kLanes;
-  if (vectors > 3) {
-    return ffi::Error::InvalidArgument("small_matmul: at most 48 rows of x");
-  }
-  std::vector<float> xt(K * vectors * kLanes, 0.0f);  // [K, padded rows]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xt[k * vectors * kLanes + m] = x_data[m * K + k];
-  const float* t = xt.data();
-  // 24 accumulators each (of 32 vector registers).
-  if (vectors == 2) {
-    run([&](int64_t b, int64_t e) { BroadcastColumns<2, 12>(t, w_data, out_data, M, K, N, b, e); });
-  } else {
-    run([&](int64_t b, int64_t e) { BroadcastColumns<3, 8>(t, w_data, out_data, M, K, N, b, e); });
-  }
+  ForColumnTasks(pool, N, [&](int64_t begin, int64_t end) {
+    Columns(x_data, w_data, out_data, M, K, N, begin, end);
+  });
   return ffi::Error::Success();
+}
+
+ffi::Error ManyRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xt_dims = xt.dimensions();
+  const auto w_dims = w.dimensions();
+  const auto out_dims = out->dimensions();
+  if (xt_dims.size() != 2 || w_dims.size() != 2 || xt_dims[0] != w_dims[1] ||
+      out_dims[1] != w_dims[0] || xt_dims[1] % kLanes != 0 || out_dims[0] > xt_dims[1] ||
+      out_dims[0] + kLanes <= xt_dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "many_rows_matmul: expected xt [in, rows padded to a multiple of 16], w [out, in] and "
+        "a result [rows, out]");
+  }
+  const int64_t M = out_dims[0], K = w_dims[1], N = w_dims[0];
+  const float* t = xt.typed_data();
+  const float* w_data = w.typed_data();
+  float* out_data = out->typed_data();
+  // 16 or 24 accumulators (of 32 vector registers); 8 weight rows, whose addresses stay in
+  // general registers (12 did not: measured half the speed).
+  switch (xt_dims[1] / kLanes) {
+    case 2:
+      ForColumnTasks(pool, N, [&](int64_t b, int64_t e) {
+        BroadcastColumns<2, 8>(t, w_data, out_data, M, K, N, b, e);
+      });
+      return ffi::Error::Success();
+    case 3:
+      ForColumnTasks(pool, N, [&](int64_t b, int64_t e) {
+        BroadcastColumns<3, 8>(t, w_data, out_data, M, K, N, b, e);
+      });
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("many_rows_matmul: 17 to 48 rows of x");
+  }
 }
 
 }  // namespace
@@ -199,5 +217,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FolojaxSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [rows, in]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [out, in]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, out]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FolojaxManyRowsMatmul, ManyRowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xt [in, padded rows]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [out, in]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [rows, out]
