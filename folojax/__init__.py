@@ -9,6 +9,8 @@ default). JAX's persistent compilation cache is turned on in folojax's cache dir
 program chose one (folojax/compilation_cache.py).
 """
 
+import importlib.metadata
+
 from folojax.compilation_cache import enable_compilation_cache
 from folojax.engine.generate import GenerateResult, decode_step, generate, prefill
 from folojax.engine.llm import LLM
@@ -19,6 +21,8 @@ from folojax.ops.paged_kv_cache import PagedKVCache, init_cache
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import Model, load_model
+
+__version__ = importlib.metadata.version("folojax")
 
 tune_if_opted_in()  # importing folojax starts no XLA threads: this runs before they do
 enable_compilation_cache()
