@@ -1,4 +1,4 @@
-"""The `folojax` command: generate, bench, init-random.
+"""The `folojax` command: generate, serve, bench, init-random.
 
 Arguments are checked before anything loads, so a bad one fails at once. The command owns its
 process, so it tunes glibc's malloc first (folojax/host_malloc.py; FOLOJAX_TUNE_MALLOC=0 does
@@ -45,6 +45,42 @@ def _generate(args) -> int:
           f"{metrics.tokens_per_second:.1f} tokens/s (a first call: these include XLA compiling "
           "the prefill and decode steps; `folojax bench` times warm runs)",
           file=sys.stderr)
+    return 0
+
+
+def _check_serve(args) -> str | None:
+    """The API key (--api-key, else $FOLOJAX_API_KEY), after checking the arguments."""
+    import os
+
+    _check_dtype(args.dtype)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.served_model_name == "":
+        raise ValueError("--served-model-name is empty")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FOLOJAX_API_KEY")
+    if api_key == "":
+        raise ValueError("the API key is empty (--api-key or FOLOJAX_API_KEY)")
+    return api_key
+
+
+def _serve(args) -> int:
+    import os
+
+    from folojax.engine.llm import LLM
+    from folojax.entrypoints.openai.api_server import run_server
+
+    api_key = _check_serve(args)
+    model = args.model if args.model is not None else args.model_option
+    llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching)
+    name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
+                                      else "SmolLM2-135M-Instruct")
+    run_server(llm, args.host, args.port, name, api_key)
     return 0
 
 
@@ -145,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt plus output; none: the model's context")
     gen.set_defaults(func=_generate)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server", **defaults)
+    serve.add_argument("model", nargs="?", default=None,
+                       help="HF directory, .gguf file or hub id; none: the embedded SmolLM2")
+    serve.add_argument("--model", dest="model_option", default=None, help="the same, as an option")
+    serve.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
+                       "CPU), float32, bfloat16 or float16")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
+                       "(default: $FOLOJAX_API_KEY; neither: no key)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in the API; none: the model path's last part")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt plus output; none: the model's context")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens computed per step; none: LLM's default")
+    serve.add_argument("--seed", type=int, default=0, help="the engine's seed (unseeded requests)")
+    serve.add_argument("--no-enable-prefix-caching", action="store_true",
+                       help="turn prefix caching off")
+    serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)
     _add_model_arguments(bench)

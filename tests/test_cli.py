@@ -72,18 +72,21 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "-1"], "SamplingParams.temperature"),
-    (["--prompt", ""], "--prompt is empty"),
-    (["--max-tokens", "0"], "SamplingParams.max_tokens"),
-    (["--max-model-len", "0"], "--max-model-len must be positive"),
-    (["--dtype", "int4"], "--dtype 'int4' is not supported"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "SamplingParams.temperature"),
+    (["generate", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "SamplingParams.max_tokens"),
+    (["generate", "--prompt", "hi", "--max-model-len", "0"], "--max-model-len must be positive"),
+    (["generate", "--prompt", "hi", "--dtype", "int4"], "--dtype 'int4' is not supported"),
+    (["serve", "--port", "0"], "--port must be in [1, 65535], got 0"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
+    (["serve", "--api-key", ""], "the API key is empty"),
+    (["serve", "--dtype", "int4"], "--dtype 'int4' is not supported"),
 ])
-def test_generate_rejects_bad_arguments_before_loading_the_model(argv, message, capsys,
-                                                                 monkeypatch):
+def test_bad_arguments_are_rejected_before_the_model_loads(argv, message, capsys, monkeypatch):
     import folojax.weights.loader as loader
 
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
