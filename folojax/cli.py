@@ -98,7 +98,37 @@ def _check_bench(args) -> None:
                          f"({args.max_prompt_len})")
 
 
+def _bench_serve(args) -> int:
+    import httpx
+
+    from folojax.bench_serve import format_serve_bench, run_serve_bench
+
+    if args.concurrency is not None and args.concurrency <= 0:
+        raise ValueError(f"--concurrency must be positive, got {args.concurrency}")
+    if args.request_rate is not None and args.request_rate <= 0:
+        raise ValueError(f"--request-rate must be positive, got {args.request_rate}")
+    model = args.served_model_name
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if model is None:  # the server's first model
+        models = httpx.get(args.base_url.rstrip("/") + "/models", headers=headers, timeout=30)
+        models.raise_for_status()
+        model = models.json()["data"][0]["id"]
+    concurrency = args.concurrency
+    if concurrency is None and args.request_rate is None:
+        concurrency = 16
+    result = run_serve_bench(args.base_url, model, args.num_requests, args.prompt_words,
+                             args.max_tokens, concurrency, args.request_rate, args.api_key)
+    mode = ", ".join(([f"Poisson {args.request_rate}/s"] if args.request_rate else [])
+                     + ([f"concurrency {concurrency}"] if concurrency else []))
+    print(f"{args.base_url} model={model} requests={args.num_requests} "
+          f"prompt_words={args.prompt_words} max_tokens={args.max_tokens} {mode}")
+    print(format_serve_bench(result))
+    return 0
+
+
 def _bench(args) -> int:
+    if args.mode == "serve":
+        return _bench_serve(args)
     _check_bench(args)
     if args.first_call:
         return _bench_first_call(args)
@@ -205,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)
+    bench.add_argument("mode", nargs="?", choices=["serve"], default=None,
+                       help="serve: load an OpenAI-compatible server at --base-url (uses "
+                            "--num-requests and --max-tokens too); none: time the engines "
+                            "in this process")
     _add_model_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     bench.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
@@ -231,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--throughput: tokens computed per step")
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared prefix for the prefix-caching TTFT figure (0 = skip)")
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                       help="serve: the server's OpenAI base URL")
+    bench.add_argument("--served-model-name", default=None,
+                       help="serve: the model field; none: the server's first model")
+    bench.add_argument("--concurrency", type=int, default=None,
+                       help="serve: requests in flight at once (none: 16, or no cap with "
+                            "--request-rate)")
+    bench.add_argument("--request-rate", type=float, default=None,
+                       help="serve: Poisson arrivals per second; none: all at once")
+    bench.add_argument("--prompt-words", type=int, default=64,
+                       help="serve: random words per prompt")
+    bench.add_argument("--api-key", default=None, help="serve: the server's API key")
     bench.set_defaults(func=_bench)
 
     init = commands.add_parser("init-random", help="write a random-weight HF checkpoint",

@@ -280,3 +280,22 @@ def test_tokenize_and_detokenize_round_trip(server, smollm2):
     bad = httpx.post(f"{server}/detokenize", json={"tokens": [10**9]}, headers=headers,
                      timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_bench_serve_loads_the_server_and_reports_latencies(server, capsys):
+    from folojax.bench_serve import run_serve_bench
+    from folojax.cli import main
+
+    result = run_serve_bench(f"{server}/v1", MODEL, num_requests=6, prompt_words=8,
+                             max_tokens=5, concurrency=3, api_key=API_KEY)
+    summary = result.summary()
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert all(1 <= r.num_output_tokens <= 5 and len(r.itls) <= r.num_output_tokens - 1
+               for r in result.requests)
+    assert 0 < summary["ttft"]["p50"] <= summary["ttft"]["p99"]
+    assert main(["bench", "serve", "--base-url", f"{server}/v1", "--api-key", API_KEY,
+                 "--num-requests", "3", "--max-tokens", "3", "--prompt-words", "4",
+                 "--request-rate", "50"]) == 0
+    out = capsys.readouterr().out
+    assert f"model={MODEL}" in out and "completed 3 requests (0 failed)" in out
+    assert "TTFT ms p50 / p90 / p99" in out
