@@ -174,6 +174,12 @@ def test_logprobs_equal_the_engines(client, smollm2):
     for entry in chat.choices[0].logprobs.content:
         assert len(entry.top_logprobs) == 2
         assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+    streamed = [entry for chunk in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+        top_logprobs=2, stream=True, **GREEDY) if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [
+        (e.token, e.logprob) for e in chat.choices[0].logprobs.content]
 
 
 def test_each_error_has_openais_shape_and_the_engine_keeps_serving(server, client):

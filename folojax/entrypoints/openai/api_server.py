@@ -259,8 +259,13 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                         delta = text.delta(completion.text, completion.finished)
                         token_ids = text.new_token_ids(completion.token_ids)
                         if delta or completion.finished or token_ids:
-                            yield json.dumps(fmt.stream_choice(response_id, created, number,
-                                                               delta, completion))
+                            # the logprobs of the tokens new since the last chunk
+                            steps = (completion.logprobs[len(completion.logprobs)
+                                                         - len(token_ids):]
+                                     if completion.logprobs is not None else None)
+                            yield json.dumps(fmt.stream_choice(
+                                response_id, created, number, delta, completion,
+                                fmt.logprobs(token_ids, steps)))
                     if not output.finished:
                         pending[asyncio.ensure_future(anext(streams[index]))] = index
             if include_usage:
@@ -368,10 +373,10 @@ class CompletionFormat:
                 "stop_reason": completion.stop_reason}
 
     def stream_choice(self, response_id: str, created: int, index: int, delta: str,
-                      completion: CompletionOutput) -> dict:
+                      completion: CompletionOutput, logprobs: dict | None) -> dict:
         return {"id": response_id, "object": self.chunk_object, "created": created,
                 "model": self.model_name, "choices": [{
-                    "index": index, "text": delta, "logprobs": None,
+                    "index": index, "text": delta, "logprobs": logprobs,
                     "finish_reason": completion.finish_reason,
                     "stop_reason": completion.stop_reason}]}
 
@@ -405,16 +410,16 @@ class ChatFormat:
                 "stop_reason": completion.stop_reason}
 
     def chunk(self, response_id: str, created: int, index: int, delta: dict,
-              finish_reason=None, stop_reason=None) -> dict:
+              finish_reason=None, stop_reason=None, logprobs: dict | None = None) -> dict:
         return {"id": response_id, "object": self.chunk_object, "created": created,
                 "model": self.model_name, "choices": [{
-                    "index": index, "delta": delta, "logprobs": None,
+                    "index": index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish_reason, "stop_reason": stop_reason}]}
 
     def stream_choice(self, response_id: str, created: int, index: int, delta: str,
-                      completion: CompletionOutput) -> dict:
+                      completion: CompletionOutput, logprobs: dict | None) -> dict:
         return self.chunk(response_id, created, index, {"content": delta} if delta else {},
-                          completion.finish_reason, completion.stop_reason)
+                          completion.finish_reason, completion.stop_reason, logprobs)
 
     def logprobs(self, token_ids: list[int], logprobs) -> dict | None:
         if logprobs is None:
