@@ -66,10 +66,11 @@ class ModelRunner:
         return self.cache.block_size
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
-                previous: StepResult | None = None, **floors) -> StepBatch:
+                previous: StepResult | None = None, at_least: StepSizes | None = None
+                ) -> StepBatch:
         return build_step(output, block_tables, self.block_size, self.cache.num_slots,
                           self.config.vocab_size, self.eos_token_ids, self.chunks,
-                          previous.in_flight_rows() if previous is not None else None, **floors)
+                          previous.in_flight_rows() if previous is not None else None, at_least)
 
     def _compiled_shape(self, batch: StepBatch, output: SchedulerOutput,
                         block_tables: dict[str, list[int]], previous: StepResult | None
