@@ -202,6 +202,9 @@ def test_each_error_has_openais_shape_and_the_engine_keeps_serving(server, clien
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.AuthenticationError, match="API key"):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="SamplingParams.max_tokens must be"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=0)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        top_logprobs=2, max_tokens=2)
@@ -305,3 +308,15 @@ def test_bench_serve_loads_the_server_and_reports_latencies(server, capsys):
     out = capsys.readouterr().out
     assert f"model={MODEL}" in out and "completed 3 requests (0 failed)" in out
     assert "TTFT ms p50 / p90 / p99" in out
+
+
+def test_bench_serve_plots_latency_against_load(server, tmp_path, capsys):
+    from folojax.cli import main
+
+    path = tmp_path / "load.png"
+    assert main(["bench", "serve", "--base-url", f"{server}/v1", "--api-key", API_KEY,
+                 "--num-requests", "2", "--max-tokens", "2", "--prompt-words", "4",
+                 "--concurrency", "2", "--plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "concurrency 1:" in out and "concurrency 2:" in out and f"wrote {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

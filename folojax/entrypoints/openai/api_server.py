@@ -133,7 +133,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both",
                            param="max_completion_tokens")
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = (body.max_tokens if body.max_completion_tokens is None
+                      else body.max_completion_tokens)
         try:
             logprobs = body.engine_logprobs()
         except ValueError as error:
