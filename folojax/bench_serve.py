@@ -109,7 +109,7 @@ async def _one_request(client, url: str, headers: dict, body: dict) -> RequestRe
 
 async def _run(base_url: str, model: str, prompts: list[str], max_tokens: int,
                concurrency: int | None, request_rate: float | None, api_key: str | None,
-               timeout: float, seed: int) -> ServeBenchResult:
+               timeout: float, seed: int, min_tokens: int | None) -> ServeBenchResult:
     import httpx
 
     url = base_url.rstrip("/") + "/completions"
@@ -118,12 +118,14 @@ async def _run(base_url: str, model: str, prompts: list[str], max_tokens: int,
     rng = np.random.default_rng(seed)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
             max_connections=concurrency or len(prompts))) as client:
+        extra = {} if min_tokens is None else {"min_tokens": min_tokens}
+
         async def limited(prompt: str) -> RequestResult:
             async with limit:
                 return await _one_request(client, url, headers, {
                     "model": model, "prompt": prompt, "max_tokens": max_tokens,
                     "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}})
+                    "stream_options": {"include_usage": True}, **extra})
 
         start = time.perf_counter()
         tasks = []
@@ -138,9 +140,12 @@ async def _run(base_url: str, model: str, prompts: list[str], max_tokens: int,
 def run_serve_bench(base_url: str, model: str, num_requests: int = 64, prompt_words: int = 64,
                     max_tokens: int = 64, concurrency: int | None = 16,
                     request_rate: float | None = None, api_key: str | None = None,
-                    timeout: float = 600.0, seed: int = 0) -> ServeBenchResult:
+                    timeout: float = 600.0, seed: int = 0, min_tokens: int | None = None
+                    ) -> ServeBenchResult:
     """Sends the requests (a fixed concurrency, or Poisson arrivals at request_rate per second
-    with no cap on concurrency when concurrency is None) and waits for all of them."""
+    with no cap on concurrency when concurrency is None) and waits for all of them.
+    min_tokens (a vLLM and llama.cpp extension): sent when given, so that every server
+    generates the same number of tokens whatever its EOS."""
     if num_requests < 1 or prompt_words < 1 or max_tokens < 1:
         raise ValueError("num_requests, prompt_words and max_tokens must be positive")
     if concurrency is not None and concurrency < 1:
@@ -149,7 +154,7 @@ def run_serve_bench(base_url: str, model: str, num_requests: int = 64, prompt_wo
         raise ValueError(f"request_rate must be positive, got {request_rate}")
     prompts = random_prompts(num_requests, prompt_words, seed)
     return asyncio.run(_run(base_url, model, prompts, max_tokens, concurrency, request_rate,
-                            api_key, timeout, seed))
+                            api_key, timeout, seed, min_tokens))
 
 
 def format_serve_bench(result: ServeBenchResult) -> str:
@@ -169,3 +174,28 @@ def format_serve_bench(result: ServeBenchResult) -> str:
     if errors:
         lines.append(f"first error: {errors[0]}")
     return "\n".join(lines)
+
+
+def plot_latency_against_load(points: list[tuple[int, ServeBenchResult]], path: str) -> None:
+    """Draws p50 TTFT and TPOT against output tok/s, one point per concurrency, to `path`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'folojax[bench]'") from None
+    summaries = [(concurrency, result.summary()) for concurrency, result in points]
+    throughput = [s["output_tokens_per_second"] for _, s in summaries]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("ttft", "tpot"), strict=True):
+        values = [(s[metric]["p50"] or 0) * 1e3 for _, s in summaries]
+        axis.plot(throughput, values, marker="o")
+        for (concurrency, _), x, y in zip(summaries, throughput, values, strict=True):
+            axis.annotate(f"c={concurrency}", (x, y), textcoords="offset points", xytext=(4, 4))
+        axis.set_xlabel("output tok/s")
+        axis.set_ylabel(f"{metric.upper()} p50 (ms)")
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -107,6 +107,8 @@ def _bench_serve(args) -> int:
         raise ValueError(f"--concurrency must be positive, got {args.concurrency}")
     if args.request_rate is not None and args.request_rate <= 0:
         raise ValueError(f"--request-rate must be positive, got {args.request_rate}")
+    if args.min_tokens is not None and not 0 <= args.min_tokens <= args.max_tokens:
+        raise ValueError(f"--min-tokens must be in [0, --max-tokens], got {args.min_tokens}")
     model = args.served_model_name
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if model is None:  # the server's first model
@@ -116,13 +118,35 @@ def _bench_serve(args) -> int:
     concurrency = args.concurrency
     if concurrency is None and args.request_rate is None:
         concurrency = 16
+    if args.plot:
+        return _plot_serve_bench(args, model, concurrency or 16)
     result = run_serve_bench(args.base_url, model, args.num_requests, args.prompt_words,
-                             args.max_tokens, concurrency, args.request_rate, args.api_key)
+                             args.max_tokens, concurrency, args.request_rate, args.api_key,
+                             min_tokens=args.min_tokens)
     mode = ", ".join(([f"Poisson {args.request_rate}/s"] if args.request_rate else [])
                      + ([f"concurrency {concurrency}"] if concurrency else []))
     print(f"{args.base_url} model={model} requests={args.num_requests} "
           f"prompt_words={args.prompt_words} max_tokens={args.max_tokens} {mode}")
     print(format_serve_bench(result))
+    return 0
+
+
+def _plot_serve_bench(args, model: str, max_concurrency: int) -> int:
+    """Runs the load at concurrency 1, 2, 4, ... up to max_concurrency; plots latency
+    against throughput."""
+    from folojax.bench_serve import format_serve_bench, plot_latency_against_load, run_serve_bench
+
+    levels = sorted({min(2 ** i, max_concurrency) for i in range(max_concurrency.bit_length())}
+                    | {max_concurrency})
+    points = []
+    for level in levels:
+        result = run_serve_bench(args.base_url, model, args.num_requests, args.prompt_words,
+                                 args.max_tokens, level, None, args.api_key,
+                                 min_tokens=args.min_tokens)
+        print(f"concurrency {level}:\n{format_serve_bench(result)}")
+        points.append((level, result))
+    plot_latency_against_load(points, args.plot)
+    print(f"wrote {args.plot}")
     return 0
 
 
@@ -277,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-words", type=int, default=64,
                        help="serve: random words per prompt")
     bench.add_argument("--api-key", default=None, help="serve: the server's API key")
+    bench.add_argument("--min-tokens", type=int, default=None,
+                       help="serve: send min_tokens (vLLM's and llama.cpp's extension), e.g. "
+                            "= --max-tokens so every server generates as many tokens")
+    bench.add_argument("--plot", default=None, help="serve: run concurrency 1, 2, 4, ... up to "
+                       "--concurrency and draw latency against load to this .png (matplotlib)")
     bench.set_defaults(func=_bench)
 
     init = commands.add_parser("init-random", help="write a random-weight HF checkpoint",
