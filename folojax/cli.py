@@ -112,8 +112,12 @@ def _bench_serve(args) -> int:
     model = args.served_model_name
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if model is None:  # the server's first model
-        models = httpx.get(args.base_url.rstrip("/") + "/models", headers=headers, timeout=30)
-        models.raise_for_status()
+        try:
+            models = httpx.get(args.base_url.rstrip("/") + "/models", headers=headers,
+                               timeout=30)
+            models.raise_for_status()
+        except httpx.HTTPError as error:
+            raise ValueError(f"cannot list the models at {args.base_url}: {error}") from None
         model = models.json()["data"][0]["id"]
     concurrency = args.concurrency
     if concurrency is None and args.request_rate is None:

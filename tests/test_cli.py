@@ -81,6 +81,8 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
     (["serve", "--api-key", ""], "the API key is empty"),
     (["serve", "--dtype", "int4"], "--dtype 'int4' is not supported"),
+    (["bench", "serve", "--base-url", "http://127.0.0.1:9/v1"],
+     "cannot list the models at http://127.0.0.1:9/v1"),
 ])
 def test_bad_arguments_are_rejected_before_the_model_loads(argv, message, capsys, monkeypatch):
     import folojax.weights.loader as loader
