@@ -61,10 +61,11 @@ def _check_serve(args) -> str | None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.served_model_name == "":
         raise ValueError("--served-model-name is empty")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("FOLOJAX_API_KEY")
-    if api_key == "":
-        raise ValueError("the API key is empty (--api-key or FOLOJAX_API_KEY)")
-    return api_key
+    if args.api_key == "":
+        raise ValueError("the API key is empty: give --api-key a value, or leave it out")
+    if args.api_key is not None:
+        return args.api_key
+    return os.environ.get("FOLOJAX_API_KEY") or None  # set but empty: no key
 
 
 def _serve(args) -> int:

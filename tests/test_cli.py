@@ -79,7 +79,7 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     (["generate", "--prompt", "hi", "--dtype", "int4"], "--dtype 'int4' is not supported"),
     (["serve", "--port", "0"], "--port must be in [1, 65535], got 0"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
-    (["serve", "--api-key", ""], "the API key is empty"),
+    (["serve", "--api-key", ""], "the API key is empty: give --api-key a value"),
     (["serve", "--dtype", "int4"], "--dtype 'int4' is not supported"),
     (["bench", "serve", "--base-url", "http://127.0.0.1:9/v1"],
      "cannot list the models at http://127.0.0.1:9/v1"),
@@ -125,3 +125,17 @@ def test_bench_first_call_runs_each_engine_in_a_fresh_process(tiny_qwen3, capsys
     for name in ("folojax, cold caches", "folojax, warm caches", "transformers"):
         assert name in out
     assert "folojax, warm caches / transformers, load + first call: x" in out
+
+
+def test_serve_takes_its_key_from_the_option_else_the_environment(monkeypatch):
+    from folojax.cli import _check_serve, build_parser
+
+    def key(*argv):
+        return _check_serve(build_parser().parse_args(["serve", *argv]))
+
+    monkeypatch.setenv("FOLOJAX_API_KEY", "from-env")
+    assert key() == "from-env" and key("--api-key", "given") == "given"
+    monkeypatch.setenv("FOLOJAX_API_KEY", "")
+    assert key() is None
+    monkeypatch.delenv("FOLOJAX_API_KEY")
+    assert key() is None
