@@ -74,6 +74,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def _api_error(_, error: APIError):
         return error.response()
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_, error: EngineDeadError):
+        return APIError(503, str(error), "server_error").response()
+
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def _validation_error(_, error):
         return APIError(400, str(error)).response()
@@ -193,21 +197,16 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             await asyncio.wait(firsts, return_when=asyncio.ALL_COMPLETED)
             for first in firsts:
                 first.result()
-        except (ValueError, TypeError) as error:
+        except BaseException as error:
             await close_all(streams, firsts)
-            raise APIError(400, str(error)) from None
-        except EngineDeadError as error:
-            await close_all(streams, firsts)
-            raise APIError(503, str(error), "server_error") from None
-        except BaseException:
-            await close_all(streams, firsts)
+            if isinstance(error, (ValueError, TypeError)):  # the engine rejected a prompt
+                raise APIError(400, str(error)) from None
             raise
         histories = [metrics.track(ids) for _, ids in prompts]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream_events(
-                request, response_id, prompts, streams, firsts, sampling, fmt, include_usage,
-                histories), sep="\n")
+                response_id, streams, firsts, sampling, fmt, include_usage, histories), sep="\n")
         return await respond(request, response_id, prompts, streams, firsts, fmt, histories)
 
     async def respond(request, response_id, prompts, streams, firsts, fmt, histories):
@@ -226,18 +225,15 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             if not done and await request.is_disconnected():
                 await close_all(streams, [work])
                 return fastapi.Response(status_code=499)
-        try:
-            outputs = work.result()
-        except EngineDeadError as error:
-            raise APIError(503, str(error), "server_error") from None
+        outputs = work.result()
         choices = [fmt.choice(index * len(out.outputs) + c.index, c, out, prompts[index][0])
                    for index, out in enumerate(outputs) for c in out.outputs]
         choices.sort(key=lambda choice: choice["index"])
         return {"id": response_id, "object": fmt.object, "created": int(time.time()),
                 "model": served_model_name, "choices": choices, "usage": usage(outputs)}
 
-    async def stream_events(request, response_id, prompts, streams, firsts, sampling, fmt,
-                            include_usage, histories):
+    async def stream_events(response_id, streams, firsts, sampling, fmt, include_usage,
+                            histories):
         created = int(time.time())
         texts = {}
         outputs: list[RequestOutput | None] = [None] * len(streams)

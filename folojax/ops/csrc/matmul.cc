@@ -100,6 +100,7 @@ void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, i
 // summed across lanes (the dot-product tile above sums each of its accumulators at the end,
 // which costs as much as the products when there are many rows), and each weight row still
 // streams from memory once.
+
 // acc [columns, MV * kLanes] += x[:, k0:k1] @ w[n0:n0 + columns, k0:k1].T, transposed: for each
 // k, MV vectors of xt times weight row j's k-th entry, broadcast.
 template <int MV, int NT>
