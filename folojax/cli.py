@@ -69,16 +69,22 @@ def _check_serve(args) -> str | None:
 
 
 def _serve(args) -> int:
+    import logging
     import os
 
     from folojax.engine.llm import LLM
     from folojax.entrypoints.openai.api_server import run_server
 
     api_key = _check_serve(args)
+    handler = logging.StreamHandler()  # the engine's INFO lines, beside uvicorn's
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logging.getLogger("folojax").addHandler(handler)
+    logging.getLogger("folojax").setLevel(logging.INFO)
     model = args.model if args.model is not None else args.model_option
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching)
+              seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
+              warmup=not args.no_warmup)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)
@@ -261,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="the engine's seed (unseeded requests)")
     serve.add_argument("--no-enable-prefix-caching", action="store_true",
                        help="turn prefix caching off")
+    serve.add_argument("--no-warmup", action="store_true",
+                       help="start without compiling the step's largest shapes first (faster "
+                            "start; the first requests of each shape then wait for its compile)")
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)

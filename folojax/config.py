@@ -207,6 +207,9 @@ class EngineConfig:
     dtype: str
     kv_cache: KVCacheConfig = KVCacheConfig()
     max_logprobs: int = 20  # the most top-N logprobs a request may ask for (vLLM's default)
+    # Compile a step's new shape in a background thread while it runs padded to a compiled one
+    # (runner/model_runner.py).
+    background_compile: bool = True
 
     def __post_init__(self):
         _check_positive_ints(self, "max_model_len")

@@ -139,3 +139,15 @@ def test_serve_takes_its_key_from_the_option_else_the_environment(monkeypatch):
     assert key() is None
     monkeypatch.delenv("FOLOJAX_API_KEY")
     assert key() is None
+
+
+def test_serve_warms_up_unless_told_not_to(monkeypatch):
+    import folojax.engine.llm
+    import folojax.entrypoints.openai.api_server as api_server
+
+    made = []
+    monkeypatch.setattr(folojax.engine.llm, "LLM", lambda **kwargs: made.append(kwargs))
+    monkeypatch.setattr(api_server, "run_server", lambda *args, **kwargs: None)
+    monkeypatch.delenv("FOLOJAX_API_KEY", raising=False)
+    assert main(["serve"]) == 0 and main(["serve", "--no-warmup"]) == 0
+    assert [kwargs["warmup"] for kwargs in made] == [True, False]

@@ -5,6 +5,7 @@ import pytest
 
 import folojax
 from folojax.runner.buckets import stepped_bucket
+from folojax.runner.model_runner import wait_for_background_compiles
 from folojax.runner.prepare import prefill_token_bucket, rows_bucket
 
 
@@ -93,14 +94,13 @@ def _record_step_rows(monkeypatch) -> list[int]:
         dispatched.append(inputs.token_ids.shape[0])
         return step(params, cache, inputs, *args, **kwargs)
 
+    recording.lower = step.lower  # background compiles
     monkeypatch.setattr(model_runner, "paged_step", recording)
     return dispatched
 
 
-def test_a_step_of_a_new_shape_runs_padded_to_a_compiled_one_until_it_recurs(tiny_qwen3,
-                                                                             monkeypatch):
-    from folojax.runner.model_runner import PADDED_STEPS_BEFORE_COMPILE
-
+def test_a_step_of_a_new_shape_runs_padded_to_a_compiled_one_while_its_own_compiles(
+        tiny_qwen3, monkeypatch):
     def greedy(n):
         return folojax.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -112,22 +112,43 @@ def test_a_step_of_a_new_shape_runs_padded_to_a_compiled_one_until_it_recurs(tin
     dispatched = _record_step_rows(monkeypatch)
     llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
                       enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    compiles = folojax.num_compiles("paged_step")
     outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
-    # One prefill step (8 rows + 32 prompt tokens), then decodes of 8 down to 1 request, which
-    # all run at the 8 rows compiled first (buckets 4, 2 and 1 are not compiled).
-    assert dispatched[0] == 8 + 32
-    assert set(dispatched[1:]) == {8} and len(dispatched) >= lengths[-1]
-
-    # One request alone: its prefill runs at the 8-request prefill's shape (no more than twice
-    # its own tokens), its decodes at 8 rows until 1-row decodes (counting the first call's)
-    # have recurred PADDED_STEPS_BEFORE_COMPILE times; then at their own shape.
-    dispatched.clear()
-    [output] = llm.generate(prompts[0], greedy(PADDED_STEPS_BEFORE_COMPILE + 4), use_tqdm=False)
+    # One prefill step (8 rows + 32 prompt tokens), then decodes of 8 down to 1 request: the
+    # first decode of each new bucket (4, 2, 1) runs at a compiled one's 8 rows while its own
+    # compiles in the background, and later ones at their own shape once that is done.
+    assert dispatched[0] == 8 + 32 and dispatched[1] == 8
     decodes = dispatched[1:]
-    assert dispatched[0] == 8 + 32
-    assert decodes == sorted(decodes, reverse=True) and set(decodes) == {8, 1}
-    assert 0 < decodes.count(8) <= PADDED_STEPS_BEFORE_COMPILE
-    assert output.outputs[0].token_ids == alone.generate(
-        prompts[0], greedy(PADDED_STEPS_BEFORE_COMPILE + 4),
-        use_tqdm=False)[0].outputs[0].token_ids
+    assert decodes == sorted(decodes, reverse=True) and set(decodes) <= {8, 4, 2, 1}
+    assert len(dispatched) >= lengths[-1]
+    runner.wait_for_compiles()
+
+    # One request alone: its prefill (1 row + 32 tokens) is a new shape and runs at the 8-row
+    # prefill's while it compiles; its decodes run at the 1 row compiled during the first call.
+    dispatched.clear()
+    [output] = llm.generate(prompts[0], greedy(12), use_tqdm=False)
+    assert dispatched == [8 + 32] + [1] * 11
+    runner.wait_for_compiles()
+    wait_for_background_compiles()  # other tests' runners' too, which would count
+    # Then every step runs at its own shape, and nothing is traced again.
+    traced = folojax.num_compiles("paged_step") - compiles
+    dispatched.clear()
+    [again] = llm.generate(prompts[0], greedy(12), use_tqdm=False)
+    assert dispatched == [1 + 32] + [1] * 11
+    assert folojax.num_compiles("paged_step") - compiles == traced
+    expected = alone.generate(prompts[0], greedy(12), use_tqdm=False)[0].outputs[0].token_ids
+    assert output.outputs[0].token_ids == again.outputs[0].token_ids == expected
+
+
+def test_without_background_compiles_a_new_shape_compiles_at_once(tiny_qwen3, monkeypatch):
+    dispatched = _record_step_rows(monkeypatch)
+    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
+                      enable_prefix_caching=False, background_compile=False)
+    prompts = [{"prompt_token_ids": [3 + i, 4, 5, 6]} for i in range(2)]
+    llm.generate(prompts, folojax.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                 use_tqdm=False)
+    llm.generate(prompts[0], folojax.SamplingParams(temperature=0, max_tokens=3,
+                                                    ignore_eos=True), use_tqdm=False)
+    assert dispatched == [2 + 32, 2, 2, 1 + 32, 1, 1]

@@ -47,6 +47,13 @@ class LLM:
         chunked prefill).
       async_scheduling: schedule and dispatch each step before reading back the previous one's
         tokens (the same outputs; the host works while the device runs).
+      max_logprobs: the most top-N logprobs a request may ask for.
+      background_compile: a step of a shape not compiled yet runs padded to a compiled shape
+        that covers it while its own shape compiles in a background thread, rather than waiting
+        for that compile (the same outputs).
+      warmup: compile the step's largest shapes before returning (engine/warm_up.py), with a
+        progress bar, so that later steps never wait for a compile while one of them covers
+        the step; `folojax serve` does by default.
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
@@ -55,7 +62,8 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool = True, max_logprobs: int = 20):
+                 async_scheduling: bool = True, max_logprobs: int = 20,
+                 background_compile: bool = True, warmup: bool = False):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)
         self.model = model if isinstance(model, Model) else load_model(
             model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer)
@@ -78,8 +86,11 @@ class LLM:
             dtype=np.dtype(self.model.dtype).name,
             kv_cache=kv_cache,
             max_logprobs=max_logprobs,
+            background_compile=background_compile,
         )
         self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
+        if warmup:
+            self.llm_engine.warm_up()
         self._request_counter = itertools.count()
 
     @classmethod

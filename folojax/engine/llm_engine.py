@@ -17,6 +17,7 @@ from folojax.engine.engine_core import EngineCore
 from folojax.engine.kv_cache_manager import KVCacheManager
 from folojax.engine.request import Request
 from folojax.engine.validation import validate_request, validate_seed
+from folojax.engine.warm_up import warm_up_steps
 from folojax.ops.paged_kv_cache import init_paged_cache
 from folojax.outputs import CompletionOutput, RequestOutput
 from folojax.runner.model_runner import ModelRunner
@@ -48,7 +49,8 @@ class LLMEngine:
         self.runner = ModelRunner(model.params, model.config,
                                   init_paged_cache(model.config, pool.num_blocks, pool.block_size,
                                                    model.dtype),
-                                  config.scheduler.max_num_seqs)
+                                  config.scheduler.max_num_seqs,
+                                  background_compile=config.background_compile)
         self.core = EngineCore(self.runner, self.kv_cache_manager, config.scheduler, self._fork)
         # A request never outgrows the pool: past its capacity it finishes with "length".
         self.max_request_len = min(config.max_model_len, pool.num_tokens)
@@ -62,6 +64,13 @@ class LLMEngine:
             logger.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: longer "
                            "requests are cut at %d", pool.num_tokens, config.max_model_len,
                            pool.num_tokens)
+
+    def warm_up(self, progress: bool = True) -> int:
+        """Compiles the step's largest shapes now (engine/warm_up.py), so that no later step
+        waits for a compile while one covers it; returns how many shapes it compiled."""
+        steps = warm_up_steps(self.config, self.config.kv_cache.block_size,
+                              self.max_request_len, self.runner.chunks)
+        return self.runner.warm_up(steps, progress)
 
     @property
     def tokenizer(self):

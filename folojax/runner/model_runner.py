@@ -6,27 +6,33 @@ both drive it; tensor parallelism, speculative decoding and warm-up belong here.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
 from folojax.model.step import paged_logits, paged_step
 from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks
+from folojax.ops.sampling import SamplerFlags
 from folojax.runner.prepare import StepBatch, StepSizes, build_step, max_rows_bucket
 
 if TYPE_CHECKING:
     from folojax.engine.scheduler import SchedulerOutput
 
-# A step of a shape not compiled yet runs, its first few times, at a compiled shape at least as
-# large in every dimension (padding rows, tokens and work items change no result), if that does
-# not double its prefill tokens: the last steps of a wave of requests, a few rows fewer each,
-# and a short prefill beside a long one's compile then cost no compile. A shape still met after
-# that many steps compiles.
-PADDED_STEPS_BEFORE_COMPILE = 8
+logger = logging.getLogger(__name__)
+_IN_FLIGHT: set[concurrent.futures.Future] = set()  # every runner's background compiles
+
+# A step of a shape not compiled yet runs at a compiled shape at least as large in every
+# dimension (padding rows, tokens and work items change no result), if that does not double its
+# prefill tokens, while its own shape compiles in a background thread: the last steps of a wave
+# of requests, a few rows fewer each, and a short prefill beside a long one then never wait for
+# a compile. A step that no compiled shape covers compiles where it is dispatched.
 
 
 @dataclasses.dataclass
@@ -48,7 +54,8 @@ class ModelRunner:
     """The model on its device: one call per step, the cache kept (and donated) across calls."""
 
     def __init__(self, params, config: ModelConfig, cache: PagedKVCache, max_num_seqs: int,
-                 eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None,
+                 background_compile: bool = True):
         self.params = params
         self.config = config
         self.cache = cache
@@ -56,10 +63,14 @@ class ModelRunner:
         self.chunks = chunks or default_chunk_sizes(dtype=cache.k[0].dtype)
         # A step's tokens come back padded to the most sampling rows a step can have.
         self._no_tokens = np.zeros(max_rows_bucket(max_num_seqs), np.int32)
-        self._compiled: set = set()  # the step_signature of every step dispatched
+        self._compiled: set = set()  # the step_signature of every shape compiled
         # Per SamplerFlags: (StepSizes, signature) of each shape compiled.
         self._compiled_sizes: collections.defaultdict = collections.defaultdict(list)
-        self._padded_steps: collections.Counter = collections.Counter()  # by signature
+        # signature -> (its StepSizes, the background compile of its shape)
+        self._compiling: dict[tuple, tuple[StepSizes, concurrent.futures.Future]] = {}
+        self.num_dispatch_compiles = 0  # steps that compiled where they were dispatched
+        self._compiler = (concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="folojax-compile") if background_compile else None)
 
     @property
     def block_size(self) -> int:
@@ -73,26 +84,93 @@ class ModelRunner:
                           previous.in_flight_rows() if previous is not None else None, at_least)
 
     def _compiled_shape(self, batch: StepBatch, output: SchedulerOutput,
-                        block_tables: dict[str, list[int]], previous: StepResult | None
-                        ) -> StepBatch:
-        """The batch, or the same step padded to a compiled shape (see
-        PADDED_STEPS_BEFORE_COMPILE)."""
+                        block_tables: dict[str, list[int]], previous: StepResult | None,
+                        previous_tokens) -> StepBatch:
+        """The batch, or the same step padded to a compiled shape while its own compiles in the
+        background (see the comment on top)."""
         signature = step_signature(batch)
+        self._collect_compiles()
         if signature in self._compiled:
             return batch
         sizes = StepSizes.of(batch)
-        compiled = self._compiled_sizes[batch.flags]
-        if self._padded_steps[signature] < PADDED_STEPS_BEFORE_COMPILE:
-            for cover, cover_signature in sorted(compiled, key=lambda c: c[0]):
+        cover = self._padded_to_a_cover(batch, sizes, output, block_tables, previous)
+        if cover is not None:
+            if signature not in self._compiling:
+                logger.info("step shape %s runs padded while it compiles in the background",
+                            sizes)
+                future = self._compiler.submit(_compile_step,
+                                               self._abstract(batch, previous_tokens),
+                                               self.config, batch.flags, self.chunks)
+                _IN_FLIGHT.add(future)
+                future.add_done_callback(_IN_FLIGHT.discard)
+                self._compiling[signature] = (sizes, future)
+            return cover
+        # No cover for this step (a shape compiling in the background may not cover a step
+        # padded past it): wait for its compile under way, else compile at dispatch.
+        in_background = self._compiling.pop(signature, None)
+        if in_background is None or not _report_failure(in_background[1]):
+            logger.info("step shape %s compiles now: no compiled shape covers it", sizes)
+            self.num_dispatch_compiles += 1
+        self._add_compiled(sizes, signature, batch.flags)
+        return batch
+
+    def _padded_to_a_cover(self, batch: StepBatch, sizes: StepSizes, output: SchedulerOutput,
+                           block_tables: dict[str, list[int]], previous: StepResult | None
+                           ) -> StepBatch | None:
+        """The step at the smallest compiled shape that covers it, if background compiles are
+        on and one does. A shape compiled for random sampling covers greedy steps too (its
+        greedy rows take the argmax all the same)."""
+        if self._compiler is None:
+            return None
+        for flags in _covering_flags(batch.flags):
+            for cover, cover_signature in sorted(self._compiled_sizes[flags],
+                                                 key=lambda c: c[0]):
                 if not cover.covers(sizes) or cover.prefill_tokens > 2 * sizes.prefill_tokens:
                     continue
-                padded = self.prepare(output, block_tables, previous, at_least=cover)
+                padded = dataclasses.replace(
+                    self.prepare(output, block_tables, previous, at_least=cover), flags=flags)
                 if step_signature(padded) == cover_signature:
-                    self._padded_steps[signature] += 1
                     return padded
-        compiled.append((sizes, signature))
+        return None
+
+    def _abstract(self, batch: StepBatch, previous_tokens) -> tuple:
+        """paged_step's array arguments for this batch, as shapes and dtypes only."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                            (self.params, self.cache, batch.inputs, batch.sampler,
+                             previous_tokens))
+
+    def _collect_compiles(self) -> None:
+        """Moves finished background compiles among the compiled shapes (a failed one: its step
+        compiles where it is dispatched instead)."""
+        for signature, (sizes, future) in list(self._compiling.items()):
+            if future.done():
+                del self._compiling[signature]
+                if _report_failure(future):
+                    self._add_compiled(sizes, signature, signature[0])
+
+    def _add_compiled(self, sizes: StepSizes, signature: tuple, flags) -> None:
         self._compiled.add(signature)
-        return batch
+        self._compiled_sizes[flags].append((sizes, signature))
+
+    def warm_up(self, steps, progress: bool = True) -> int:
+        """Compiles paged_step, now, for each (scheduler output, block tables, StepSizes to pad
+        to) not compiled yet (engine/warm_up.py chooses them); returns how many it compiled."""
+        compiled = 0
+        for output, tables, sizes in tqdm(steps, desc="Compiling step shapes", unit="shape",
+                                          disable=not progress):
+            batch = self.prepare(output, tables, at_least=sizes)
+            signature = step_signature(batch)
+            if signature not in self._compiled:
+                _compile_step(self._abstract(batch, self._no_tokens), self.config, batch.flags,
+                              self.chunks)
+                self._add_compiled(StepSizes.of(batch), signature, batch.flags)
+                compiled += 1
+        return compiled
+
+    def wait_for_compiles(self) -> None:
+        """Waits for the background compiles under way (tests, benchmarks)."""
+        concurrent.futures.wait([future for _, future in self._compiling.values()])
+        self._collect_compiles()
 
     def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 previous: StepResult | None = None) -> StepResult:
@@ -102,9 +180,9 @@ class ModelRunner:
         if output.block_copies:
             self.cache = copy_blocks(self.cache, *_copy_block_arrays(output.block_copies,
                                                                      self.cache.num_blocks))
-        batch = self._compiled_shape(self.prepare(output, block_tables, previous), output,
-                                     block_tables, previous)
         previous_tokens = previous.tokens if previous is not None else self._no_tokens
+        batch = self._compiled_shape(self.prepare(output, block_tables, previous), output,
+                                     block_tables, previous, previous_tokens)
         tokens, logprobs, self.cache = paged_step(self.params, self.cache, batch.inputs,
                                                   batch.sampler, previous_tokens, self.config,
                                                   batch.flags, self.chunks)
@@ -117,6 +195,30 @@ class ModelRunner:
         logits, self.cache = paged_logits(self.params, self.cache, batch.inputs, self.config,
                                           self.chunks)
         return logits
+
+
+def wait_for_background_compiles() -> None:
+    """Waits for every runner's background compiles under way (tests counting compiles)."""
+    concurrent.futures.wait(list(_IN_FLIGHT))
+
+
+def _covering_flags(flags: SamplerFlags) -> list[SamplerFlags]:
+    """The sampler flags whose compiled steps can run a step of these flags."""
+    return [flags] + ([dataclasses.replace(flags, all_greedy=False)] if flags.all_greedy else [])
+
+
+def _compile_step(abstract_arguments: tuple, config: ModelConfig, flags, chunks) -> None:
+    """Compiles paged_step for these argument shapes, into jit's cache."""
+    paged_step.lower(*abstract_arguments, config, flags, chunks).compile()
+
+
+def _report_failure(future: concurrent.futures.Future) -> bool:
+    """Waits for a background compile; False (and a warning) if it failed."""
+    error = future.exception()
+    if error is not None:
+        logger.warning("a background compile of paged_step failed (%s: %s); the step compiles "
+                       "when it runs", type(error).__name__, error)
+    return error is None
 
 
 def step_signature(batch: StepBatch) -> tuple:
