@@ -12,13 +12,14 @@ from folojax.ops import cpu_kernels, cpu_matmul
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ kernels here")
 
 
-# Up to 16 rows: rows in register tiles of 4 and a remainder; columns in tiles of 4, a
-# remainder, and tasks of 64. From 17 to 48: rows in 2 or 3 vectors of 16, partly padding;
-# columns in tiles of 12 or 8 and a remainder; inner sizes past one depth pass. Inner sizes a
+# Up to 8 rows: rows in register tiles of 4 and a remainder; columns in tiles of 4, a
+# remainder, and tasks of 64. From 9 to 48: rows in 1, 2 or 3 vectors of 16, partly padding;
+# columns in tiles of 8 and a remainder; inner sizes past one depth pass. Inner sizes a
 # multiple of the 16-float vector and not.
 @needs_kernels
 @pytest.mark.parametrize("rows, inner, out", [
-    (1, 576, 960), (3, 577, 1027), (4, 64, 7), (5, 20, 3), (16, 1536, 130), (7, 15, 65),
+    (1, 576, 960), (3, 577, 1027), (4, 64, 7), (5, 20, 3), (8, 577, 67), (7, 15, 65),
+    (9, 577, 1027), (16, 1536, 130), (12, 15, 65),
     (17, 577, 1027), (32, 64, 7), (33, 20, 3), (48, 1536, 130), (40, 15, 65), (48, 300, 197)])
 def test_small_matmul_equals_numpy(rows, inner, out):
     rng = np.random.default_rng(rows * inner)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from folojax.ops import cpu_kernels
 
 MAX_ROWS = 48  # measured: from 64 rows XLA's matmul does as well or better
-DOT_ROWS = 16  # up to here the kernel's dot-product tiles, above them its broadcast tiles
+DOT_ROWS = 8  # up to here the kernel's dot-product tiles, above them its broadcast tiles
 
 
 def serves(x: jax.Array, weight: jax.Array) -> bool:

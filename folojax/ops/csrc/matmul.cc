@@ -5,9 +5,9 @@
 // the weights stream from memory. XLA's CPU matmul of 2-16 rows reads them at about half the
 // rate of its matrix-vector product of one (docs/BENCHMARKS.md); this kernel reads each weight
 // row once for all rows of x. The weight stays in Hugging Face's [out, in] layout. Tasks are
-// chunks of output columns, shared with the threads of XLA's own pool. Up to 16 rows, a tile
+// chunks of output columns, shared with the threads of XLA's own pool. Up to 8 rows, a tile
 // computes 4 rows of x against 4 weight rows as dot products in vector registers (GCC/Clang
-// vector extensions); from 17 to 48 rows (a batch of decodes, where the arithmetic starts to
+// vector extensions); from 9 to 48 rows (a batch of decodes, where the arithmetic starts to
 // count) x is transposed once and a tile accumulates 8 output columns for every row at once.
 
 #include <algorithm>
@@ -93,7 +93,7 @@ void Columns(const float* x, const float* w, float* out, int64_t M, int64_t K, i
   for (; n < end; ++n) Rows<1>(x, w, out, M, K, N, n);
 }
 
-// More rows (17 to 48: a batch of decodes, where the arithmetic starts to count): x comes
+// More rows (9 to 48: a batch of decodes, where the arithmetic starts to count): x comes
 // transposed, xt [K, padded rows] (rows padded to a multiple of kLanes with zeros; XLA
 // transposes it before the call). A tile of NT weight rows then computes every row of x as MV
 // vectors: for each k, MV vectors of xt times weight row j's k-th entry, broadcast. Nothing is
@@ -194,9 +194,15 @@ ffi::Error ManyRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
   const float* t = xt.typed_data();
   const float* w_data = w.typed_data();
   float* out_data = out->typed_data();
-  // 16 or 24 accumulators (of 32 vector registers); 8 weight rows, whose addresses stay in
-  // general registers (12 did not: measured half the speed).
+  // 8, 16 or 24 accumulators (of 32 vector registers); 8 weight rows, whose addresses stay in
+  // general registers (12 did not: measured half the speed). 9-16 rows in one vector: measured
+  // faster than the dot-product tiles (docs/BENCHMARKS.md).
   switch (xt_dims[1] / kLanes) {
+    case 1:
+      ForColumnTasks(pool, N, [&](int64_t b, int64_t e) {
+        BroadcastColumns<1, 8>(t, w_data, out_data, M, K, N, b, e);
+      });
+      return ffi::Error::Success();
     case 2:
       ForColumnTasks(pool, N, [&](int64_t b, int64_t e) {
         BroadcastColumns<2, 8>(t, w_data, out_data, M, K, N, b, e);
@@ -208,7 +214,7 @@ ffi::Error ManyRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
       });
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument("many_rows_matmul: 17 to 48 rows of x");
+      return ffi::Error::InvalidArgument("many_rows_matmul: 9 to 48 rows of x");
   }
 }
 
