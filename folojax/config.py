@@ -207,8 +207,8 @@ class EngineConfig:
     dtype: str
     kv_cache: KVCacheConfig = KVCacheConfig()
     max_logprobs: int = 20  # the most top-N logprobs a request may ask for (vLLM's default)
-    # Compile a step's new shape in a background thread while it runs padded to a compiled one
-    # (runner/model_runner.py).
+    # Compile a recurring new step shape in a background thread while its steps run padded to
+    # a compiled one (runner/model_runner.py); False: compile it when the step is dispatched.
     background_compile: bool = True
 
     def __post_init__(self):

@@ -5,7 +5,7 @@ import pytest
 
 import folojax
 from folojax.runner.buckets import stepped_bucket
-from folojax.runner.model_runner import wait_for_background_compiles
+from folojax.runner.model_runner import PADDED_STEPS_BEFORE_COMPILE, wait_for_background_compiles
 from folojax.runner.prepare import prefill_token_bucket, rows_bucket
 
 
@@ -99,56 +99,64 @@ def _record_step_rows(monkeypatch) -> list[int]:
     return dispatched
 
 
-def test_a_step_of_a_new_shape_runs_padded_to_a_compiled_one_while_its_own_compiles(
-        tiny_qwen3, monkeypatch):
-    def greedy(n):
-        return folojax.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+def _greedy(n):
+    return folojax.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
-    prompts = [{"prompt_token_ids": [3 + i, 4, 5, 6]} for i in range(8)]
-    lengths = [2 + 2 * i for i in range(8)]  # the requests finish one after another
+
+PROMPTS = [{"prompt_token_ids": [3 + i, 4, 5, 6]} for i in range(8)]
+LENGTHS = [2 + 2 * i for i in range(8)]  # the requests finish one after another
+
+
+def _wave_then_one_request(tiny_qwen3, monkeypatch, **engine_args):
+    """Runs 8 requests that finish one after another, then the first one alone for
+    PADDED_STEPS_BEFORE_COMPILE + 4 tokens; returns (llm, dispatched token counts of the lone
+    request's steps, the reference tokens of each request alone)."""
     alone = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32")
-    expected = [alone.generate(p, greedy(n), use_tqdm=False)[0].outputs[0].token_ids
-                for p, n in zip(prompts, lengths, strict=True)]
+    expected = [alone.generate(p, _greedy(n), use_tqdm=False)[0].outputs[0].token_ids
+                for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+    expected.append(alone.generate(PROMPTS[0], _greedy(PADDED_STEPS_BEFORE_COMPILE + 4),
+                                   use_tqdm=False)[0].outputs[0].token_ids)
     dispatched = _record_step_rows(monkeypatch)
     llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
-                      enable_prefix_caching=False)
-    runner = llm.llm_engine.runner
-    compiles = folojax.num_compiles("paged_step")
-    outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == expected
-    # One prefill step (8 rows + 32 prompt tokens), then decodes of 8 down to 1 request: the
-    # first decode of each new bucket (4, 2, 1) runs at a compiled one's 8 rows while its own
-    # compiles in the background, and later ones at their own shape once that is done.
-    assert dispatched[0] == 8 + 32 and dispatched[1] == 8
-    decodes = dispatched[1:]
-    assert decodes == sorted(decodes, reverse=True) and set(decodes) <= {8, 4, 2, 1}
-    assert len(dispatched) >= lengths[-1]
-    runner.wait_for_compiles()
-
-    # One request alone: its prefill (1 row + 32 tokens) is a new shape and runs at the 8-row
-    # prefill's while it compiles; its decodes run at the 1 row compiled during the first call.
+                      enable_prefix_caching=False, **engine_args)
+    outputs = llm.generate(PROMPTS, [_greedy(n) for n in LENGTHS], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected[:-1]
+    # One prefill step (8 rows + 32 prompt tokens), then decodes of 8 down to 1 request, which
+    # all run at the 8 rows compiled first (buckets 4, 2 and 1 are not compiled).
+    assert dispatched[0] == 8 + 32
+    assert set(dispatched[1:]) == {8} and len(dispatched) >= LENGTHS[-1]
     dispatched.clear()
-    [output] = llm.generate(prompts[0], greedy(12), use_tqdm=False)
-    assert dispatched == [8 + 32] + [1] * 11
+    [output] = llm.generate(PROMPTS[0], _greedy(PADDED_STEPS_BEFORE_COMPILE + 4),
+                            use_tqdm=False)
+    assert output.outputs[0].token_ids == expected[-1]
+    # Its prefill runs at the 8-request prefill's shape (no more than twice its own tokens),
+    # its decodes at 8 rows, then (maybe) at their own 1 row once that shape has recurred enough.
+    decodes = dispatched[1:]
+    assert dispatched[0] == 8 + 32 and decodes[0] == 8
+    assert decodes == sorted(decodes, reverse=True) and set(decodes) <= {8, 1}
+    return llm, decodes, expected
+
+
+def test_a_shape_that_recurs_compiles_where_it_is_dispatched_without_background_compiles(
+        tiny_qwen3, monkeypatch):
+    _, decodes, _ = _wave_then_one_request(tiny_qwen3, monkeypatch, background_compile=False)
+    # Counting the first call's, the 1-row decode has come back PADDED_STEPS_BEFORE_COMPILE
+    # times by then, and compiles at once.
+    assert 1 in decodes and decodes.count(8) <= PADDED_STEPS_BEFORE_COMPILE
+
+
+def test_a_shape_that_recurs_compiles_in_the_background_and_then_runs_at_its_own_size(
+        tiny_qwen3, monkeypatch):
+    llm, _, expected = _wave_then_one_request(tiny_qwen3, monkeypatch)
+    runner = llm.llm_engine.runner
+    assert runner.num_dispatch_compiles == 2  # the 8-row prefill and decode: nothing covered them
     runner.wait_for_compiles()
     wait_for_background_compiles()  # other tests' runners' too, which would count
-    # Then every step runs at its own shape, and nothing is traced again.
-    traced = folojax.num_compiles("paged_step") - compiles
-    dispatched.clear()
-    [again] = llm.generate(prompts[0], greedy(12), use_tqdm=False)
-    assert dispatched == [1 + 32] + [1] * 11
-    assert folojax.num_compiles("paged_step") - compiles == traced
-    expected = alone.generate(prompts[0], greedy(12), use_tqdm=False)[0].outputs[0].token_ids
-    assert output.outputs[0].token_ids == again.outputs[0].token_ids == expected
-
-
-def test_without_background_compiles_a_new_shape_compiles_at_once(tiny_qwen3, monkeypatch):
+    traced = folojax.num_compiles("paged_step")
     dispatched = _record_step_rows(monkeypatch)
-    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
-                      enable_prefix_caching=False, background_compile=False)
-    prompts = [{"prompt_token_ids": [3 + i, 4, 5, 6]} for i in range(2)]
-    llm.generate(prompts, folojax.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-                 use_tqdm=False)
-    llm.generate(prompts[0], folojax.SamplingParams(temperature=0, max_tokens=3,
-                                                    ignore_eos=True), use_tqdm=False)
-    assert dispatched == [2 + 32, 2, 2, 1 + 32, 1, 1]
+    [again] = llm.generate(PROMPTS[0], _greedy(PADDED_STEPS_BEFORE_COMPILE + 4), use_tqdm=False)
+    # The decodes run at the 1 row compiled in the background, which jit does not trace again;
+    # the prefill, met twice, still at the 8-request prefill's shape.
+    assert dispatched == [8 + 32] + [1] * (PADDED_STEPS_BEFORE_COMPILE + 3)
+    assert folojax.num_compiles("paged_step") == traced
+    assert again.outputs[0].token_ids == expected[-1] and runner.num_dispatch_compiles == 2

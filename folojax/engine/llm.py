@@ -49,8 +49,8 @@ class LLM:
         tokens (the same outputs; the host works while the device runs).
       max_logprobs: the most top-N logprobs a request may ask for.
       background_compile: a step of a shape not compiled yet runs padded to a compiled shape
-        that covers it while its own shape compiles in a background thread, rather than waiting
-        for that compile (the same outputs).
+        that covers it; once its shape has come back a few times, it compiles in a background
+        thread (False: where the step is dispatched, which waits for it). The same outputs.
       warmup: compile the step's largest shapes before returning (engine/warm_up.py), with a
         progress bar, so that later steps never wait for a compile while one of them covers
         the step; `folojax serve` does by default.

@@ -1,6 +1,6 @@
 """Warm-up: the step shapes to compile before the first request, so that later steps run at
-one of them (padded) while their own shape compiles in the background, rather than wait for
-a compile (runner/model_runner.py).
+one of them (padded), and compile their own shape in the background if it keeps coming back,
+rather than wait for a compile (runner/model_runner.py).
 
 Each shape is the largest of its kind, so that it covers every smaller step:
 - decode steps of 1, 4, 16, 64, ... rows, up to the most rows a step can have;

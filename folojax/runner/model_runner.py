@@ -30,9 +30,12 @@ _IN_FLIGHT: set[concurrent.futures.Future] = set()  # every runner's background 
 
 # A step of a shape not compiled yet runs at a compiled shape at least as large in every
 # dimension (padding rows, tokens and work items change no result), if that does not double its
-# prefill tokens, while its own shape compiles in a background thread: the last steps of a wave
-# of requests, a few rows fewer each, and a short prefill beside a long one then never wait for
-# a compile. A step that no compiled shape covers compiles where it is dispatched.
+# prefill tokens: the last steps of a wave of requests, a few rows fewer each, and a short
+# prefill beside a long one then wait for no compile. A shape met this many times compiles in a
+# background thread (its steps run padded until that is done), so that a shape that keeps
+# coming back runs at its own size and a rare one costs no compile. A step that no compiled
+# shape covers compiles where it is dispatched.
+PADDED_STEPS_BEFORE_COMPILE = 8
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ class ModelRunner:
         self._compiled_sizes: collections.defaultdict = collections.defaultdict(list)
         # signature -> (its StepSizes, the background compile of its shape)
         self._compiling: dict[tuple, tuple[StepSizes, concurrent.futures.Future]] = {}
+        self._padded_steps: collections.Counter = collections.Counter()  # by signature
         self.num_dispatch_compiles = 0  # steps that compiled where they were dispatched
         self._compiler = (concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="folojax-compile") if background_compile else None)
@@ -86,8 +90,7 @@ class ModelRunner:
     def _compiled_shape(self, batch: StepBatch, output: SchedulerOutput,
                         block_tables: dict[str, list[int]], previous: StepResult | None,
                         previous_tokens) -> StepBatch:
-        """The batch, or the same step padded to a compiled shape while its own compiles in the
-        background (see the comment on top)."""
+        """The batch, or the same step padded to a compiled shape (see the comment on top)."""
         signature = step_signature(batch)
         self._collect_compiles()
         if signature in self._compiled:
@@ -95,21 +98,25 @@ class ModelRunner:
         sizes = StepSizes.of(batch)
         cover = self._padded_to_a_cover(batch, sizes, output, block_tables, previous)
         if cover is not None:
-            if signature not in self._compiling:
-                logger.info("step shape %s runs padded while it compiles in the background",
-                            sizes)
+            self._padded_steps[signature] += 1
+            if (self._padded_steps[signature] < PADDED_STEPS_BEFORE_COMPILE
+                    or signature in self._compiling):
+                return cover
+            if self._compiler is not None:
+                logger.info("step shape %s compiles in the background (%d steps ran padded)",
+                            sizes, self._padded_steps[signature])
                 future = self._compiler.submit(_compile_step,
                                                self._abstract(batch, previous_tokens),
                                                self.config, batch.flags, self.chunks)
                 _IN_FLIGHT.add(future)
                 future.add_done_callback(_IN_FLIGHT.discard)
                 self._compiling[signature] = (sizes, future)
-            return cover
+                return cover
         # No cover for this step (a shape compiling in the background may not cover a step
         # padded past it): wait for its compile under way, else compile at dispatch.
         in_background = self._compiling.pop(signature, None)
         if in_background is None or not _report_failure(in_background[1]):
-            logger.info("step shape %s compiles now: no compiled shape covers it", sizes)
+            logger.info("step shape %s compiles where the step is dispatched", sizes)
             self.num_dispatch_compiles += 1
         self._add_compiled(sizes, signature, batch.flags)
         return batch
@@ -117,11 +124,9 @@ class ModelRunner:
     def _padded_to_a_cover(self, batch: StepBatch, sizes: StepSizes, output: SchedulerOutput,
                            block_tables: dict[str, list[int]], previous: StepResult | None
                            ) -> StepBatch | None:
-        """The step at the smallest compiled shape that covers it, if background compiles are
-        on and one does. A shape compiled for random sampling covers greedy steps too (its
-        greedy rows take the argmax all the same)."""
-        if self._compiler is None:
-            return None
+        """The step at the smallest compiled shape that covers it, if one does. A shape compiled
+        for random sampling covers greedy steps too (its greedy rows take the argmax all the
+        same)."""
         for flags in _covering_flags(batch.flags):
             for cover, cover_signature in sorted(self._compiled_sizes[flags],
                                                  key=lambda c: c[0]):
