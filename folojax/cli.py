@@ -84,7 +84,7 @@ def _serve(args) -> int:
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
-              warmup=not args.no_warmup)
+              warmup=not args.no_warmup, padded_steps_before_compile=1)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)

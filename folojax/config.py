@@ -210,9 +210,12 @@ class EngineConfig:
     # Compile a recurring new step shape in a background thread while its steps run padded to
     # a compiled one (runner/model_runner.py); False: compile it when the step is dispatched.
     background_compile: bool = True
+    # Steps of a new shape that run padded before it compiles (1: a server, long-lived, compiles
+    # every shape it meets; 8: an offline call's rare shapes cost no compile).
+    padded_steps_before_compile: int = 8
 
     def __post_init__(self):
-        _check_positive_ints(self, "max_model_len")
+        _check_positive_ints(self, "max_model_len", "padded_steps_before_compile")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.max_model_len > self.model.max_position_embeddings:

@@ -151,3 +151,4 @@ def test_serve_warms_up_unless_told_not_to(monkeypatch):
     monkeypatch.delenv("FOLOJAX_API_KEY", raising=False)
     assert main(["serve"]) == 0 and main(["serve", "--no-warmup"]) == 0
     assert [kwargs["warmup"] for kwargs in made] == [True, False]
+    assert all(kwargs["padded_steps_before_compile"] == 1 for kwargs in made)

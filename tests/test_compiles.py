@@ -160,3 +160,18 @@ def test_a_shape_that_recurs_compiles_in_the_background_and_then_runs_at_its_own
     assert dispatched == [8 + 32] + [1] * (PADDED_STEPS_BEFORE_COMPILE + 3)
     assert folojax.num_compiles("paged_step") == traced
     assert again.outputs[0].token_ids == expected[-1] and runner.num_dispatch_compiles == 2
+
+
+def test_a_server_compiles_every_covered_shape_it_meets_in_the_background(tiny_qwen3,
+                                                                          monkeypatch):
+    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
+                      enable_prefix_caching=False, padded_steps_before_compile=1)
+    llm.generate(PROMPTS, [_greedy(n) for n in LENGTHS], use_tqdm=False)
+    llm.llm_engine.runner.wait_for_compiles()
+    dispatched = _record_step_rows(monkeypatch)
+    # The wave's tail (4, 2, 1 requests) compiled the 1-row decode: a lone request decodes at
+    # its own size at once (its prefill, new, runs at the wave's).
+    llm.generate(PROMPTS[0], _greedy(4), use_tqdm=False)
+    assert dispatched == [8 + 32, 1, 1, 1]
+    with pytest.raises(ValueError, match="padded_steps_before_compile must be a positive int"):
+        folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, padded_steps_before_compile=0)

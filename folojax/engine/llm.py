@@ -51,6 +51,8 @@ class LLM:
       background_compile: a step of a shape not compiled yet runs padded to a compiled shape
         that covers it; once its shape has come back a few times, it compiles in a background
         thread (False: where the step is dispatched, which waits for it). The same outputs.
+      padded_steps_before_compile: how many times (a few: an offline call's rare shapes cost no
+        compile; `folojax serve` takes 1).
       warmup: compile the step's largest shapes before returning (engine/warm_up.py), with a
         progress bar, so that later steps never wait for a compile while one of them covers
         the step; `folojax serve` does by default.
@@ -63,7 +65,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  async_scheduling: bool = True, max_logprobs: int = 20,
-                 background_compile: bool = True, warmup: bool = False):
+                 background_compile: bool = True, padded_steps_before_compile: int = 8,
+                 warmup: bool = False):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)
         self.model = model if isinstance(model, Model) else load_model(
             model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer)
@@ -87,6 +90,7 @@ class LLM:
             kv_cache=kv_cache,
             max_logprobs=max_logprobs,
             background_compile=background_compile,
+            padded_steps_before_compile=padded_steps_before_compile,
         )
         self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
         if warmup:

@@ -50,7 +50,8 @@ class LLMEngine:
                                   init_paged_cache(model.config, pool.num_blocks, pool.block_size,
                                                    model.dtype),
                                   config.scheduler.max_num_seqs,
-                                  background_compile=config.background_compile)
+                                  background_compile=config.background_compile,
+                                  padded_steps_before_compile=config.padded_steps_before_compile)
         self.core = EngineCore(self.runner, self.kv_cache_manager, config.scheduler, self._fork)
         # A request never outgrows the pool: past its capacity it finishes with "length".
         self.max_request_len = min(config.max_model_len, pool.num_tokens)

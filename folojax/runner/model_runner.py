@@ -31,10 +31,10 @@ _IN_FLIGHT: set[concurrent.futures.Future] = set()  # every runner's background 
 # A step of a shape not compiled yet runs at a compiled shape at least as large in every
 # dimension (padding rows, tokens and work items change no result), if that does not double its
 # prefill tokens: the last steps of a wave of requests, a few rows fewer each, and a short
-# prefill beside a long one then wait for no compile. A shape met this many times compiles in a
-# background thread (its steps run padded until that is done), so that a shape that keeps
-# coming back runs at its own size and a rare one costs no compile. A step that no compiled
-# shape covers compiles where it is dispatched.
+# prefill beside a long one then wait for no compile. A shape met this many times (by default)
+# compiles in a background thread (its steps run padded until that is done), so that a shape
+# that keeps coming back runs at its own size and a rare one costs no compile. A step that no
+# compiled shape covers compiles where it is dispatched.
 PADDED_STEPS_BEFORE_COMPILE = 8
 
 
@@ -58,7 +58,8 @@ class ModelRunner:
 
     def __init__(self, params, config: ModelConfig, cache: PagedKVCache, max_num_seqs: int,
                  eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None,
-                 background_compile: bool = True):
+                 background_compile: bool = True,
+                 padded_steps_before_compile: int = PADDED_STEPS_BEFORE_COMPILE):
         self.params = params
         self.config = config
         self.cache = cache
@@ -72,6 +73,7 @@ class ModelRunner:
         # signature -> (its StepSizes, the background compile of its shape)
         self._compiling: dict[tuple, tuple[StepSizes, concurrent.futures.Future]] = {}
         self._padded_steps: collections.Counter = collections.Counter()  # by signature
+        self.padded_steps_before_compile = padded_steps_before_compile
         self.num_dispatch_compiles = 0  # steps that compiled where they were dispatched
         self._compiler = (concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="folojax-compile") if background_compile else None)
@@ -99,7 +101,7 @@ class ModelRunner:
         cover = self._padded_to_a_cover(batch, sizes, output, block_tables, previous)
         if cover is not None:
             self._padded_steps[signature] += 1
-            if (self._padded_steps[signature] < PADDED_STEPS_BEFORE_COMPILE
+            if (self._padded_steps[signature] < self.padded_steps_before_compile
                     or signature in self._compiling):
                 return cover
             if self._compiler is not None:
