@@ -84,7 +84,7 @@ def _serve(args) -> int:
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
-              warmup=not args.no_warmup, padded_steps_before_compile=1)
+              warmup=args.warmup, padded_steps_before_compile=1)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)
@@ -267,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="the engine's seed (unseeded requests)")
     serve.add_argument("--no-enable-prefix-caching", action="store_true",
                        help="turn prefix caching off")
-    serve.add_argument("--no-warmup", action="store_true",
-                       help="start without compiling the step's largest shapes first (faster "
-                            "start; the first requests of each shape then wait for its compile)")
+    serve.add_argument("--warmup", action="store_true",
+                       help="compile the step's largest shapes before listening, so that no "
+                            "step waits for a compile (a slower start, and slower first "
+                            "requests here: docs/BENCHMARKS.md)")
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="measure TTFT, TPOT and tokens/s", **defaults)

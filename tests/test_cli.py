@@ -141,7 +141,7 @@ def test_serve_takes_its_key_from_the_option_else_the_environment(monkeypatch):
     assert key() is None
 
 
-def test_serve_warms_up_unless_told_not_to(monkeypatch):
+def test_serve_warms_up_when_told_to(monkeypatch):
     import folojax.engine.llm
     import folojax.entrypoints.openai.api_server as api_server
 
@@ -149,6 +149,6 @@ def test_serve_warms_up_unless_told_not_to(monkeypatch):
     monkeypatch.setattr(folojax.engine.llm, "LLM", lambda **kwargs: made.append(kwargs))
     monkeypatch.setattr(api_server, "run_server", lambda *args, **kwargs: None)
     monkeypatch.delenv("FOLOJAX_API_KEY", raising=False)
-    assert main(["serve"]) == 0 and main(["serve", "--no-warmup"]) == 0
-    assert [kwargs["warmup"] for kwargs in made] == [True, False]
+    assert main(["serve"]) == 0 and main(["serve", "--warmup"]) == 0
+    assert [kwargs["warmup"] for kwargs in made] == [False, True]
     assert all(kwargs["padded_steps_before_compile"] == 1 for kwargs in made)

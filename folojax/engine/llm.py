@@ -55,7 +55,7 @@ class LLM:
         compile; `folojax serve` takes 1).
       warmup: compile the step's largest shapes before returning (engine/warm_up.py), with a
         progress bar, so that later steps never wait for a compile while one of them covers
-        the step; `folojax serve` does by default.
+        the step (`folojax serve --warmup`).
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
