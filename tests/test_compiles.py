@@ -175,3 +175,30 @@ def test_a_server_compiles_every_covered_shape_it_meets_in_the_background(tiny_q
     assert dispatched == [8 + 32, 1, 1, 1]
     with pytest.raises(ValueError, match="padded_steps_before_compile must be a positive int"):
         folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, padded_steps_before_compile=0)
+
+
+def test_a_failed_background_compile_warns_and_the_step_compiles_at_dispatch(
+        tiny_qwen3, monkeypatch, caplog):
+    from folojax.runner import model_runner
+
+    def failing(*args):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(model_runner, "_compile_step", failing)
+    llm = folojax.LLM(tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32",
+                      enable_prefix_caching=False, padded_steps_before_compile=1)
+    runner = llm.llm_engine.runner
+    llm.generate(PROMPTS, [_greedy(n) for n in LENGTHS], use_tqdm=False)  # the tail: padded
+    runner.wait_for_compiles()
+    assert "a background compile of paged_step failed (RuntimeError: no compiler today)" in (
+        caplog.text)
+    # Beside the 8-row prefill and decode (nothing covered them), the tail's shapes compiled
+    # where they ran once their background compile had failed; a lone request's decodes then
+    # run at their own 1 row.
+    assert runner.num_dispatch_compiles > 2
+    dispatched = _record_step_rows(monkeypatch)
+    [output] = llm.generate(PROMPTS[0], _greedy(4), use_tqdm=False)
+    assert dispatched[1:] == [1, 1, 1]
+    assert output.outputs[0].token_ids == folojax.LLM(
+        tiny_qwen3.path, skip_tokenizer_init=True, dtype="float32").generate(
+        PROMPTS[0], _greedy(4), use_tqdm=False)[0].outputs[0].token_ids

@@ -73,6 +73,7 @@ class ModelRunner:
         # signature -> (its StepSizes, the background compile of its shape)
         self._compiling: dict[tuple, tuple[StepSizes, concurrent.futures.Future]] = {}
         self._padded_steps: collections.Counter = collections.Counter()  # by signature
+        self._failed_in_background: set = set()  # signatures: these compile at dispatch
         self.padded_steps_before_compile = padded_steps_before_compile
         self.num_dispatch_compiles = 0  # steps that compiled where they were dispatched
         self._compiler = (concurrent.futures.ThreadPoolExecutor(
@@ -98,7 +99,8 @@ class ModelRunner:
         if signature in self._compiled:
             return batch
         sizes = StepSizes.of(batch)
-        cover = self._padded_to_a_cover(batch, sizes, output, block_tables, previous)
+        cover = (None if signature in self._failed_in_background
+                 else self._padded_to_a_cover(batch, sizes, output, block_tables, previous))
         if cover is not None:
             self._padded_steps[signature] += 1
             if (self._padded_steps[signature] < self.padded_steps_before_compile
@@ -117,7 +119,7 @@ class ModelRunner:
         # No cover for this step (a shape compiling in the background may not cover a step
         # padded past it): wait for its compile under way, else compile at dispatch.
         in_background = self._compiling.pop(signature, None)
-        if in_background is None or not _report_failure(in_background[1]):
+        if in_background is None or not _compiled_ok(in_background[1]):
             logger.info("step shape %s compiles where the step is dispatched", sizes)
             self.num_dispatch_compiles += 1
         self._add_compiled(sizes, signature, batch.flags)
@@ -152,8 +154,10 @@ class ModelRunner:
         for signature, (sizes, future) in list(self._compiling.items()):
             if future.done():
                 del self._compiling[signature]
-                if _report_failure(future):
+                if _compiled_ok(future):
                     self._add_compiled(sizes, signature, signature[0])
+                else:
+                    self._failed_in_background.add(signature)
 
     def _add_compiled(self, sizes: StepSizes, signature: tuple, flags) -> None:
         self._compiled.add(signature)
@@ -219,8 +223,8 @@ def _compile_step(abstract_arguments: tuple, config: ModelConfig, flags, chunks)
     paged_step.lower(*abstract_arguments, config, flags, chunks).compile()
 
 
-def _report_failure(future: concurrent.futures.Future) -> bool:
-    """Waits for a background compile; False (and a warning) if it failed."""
+def _compiled_ok(future: concurrent.futures.Future) -> bool:
+    """Waits for a background compile: True if it compiled, else a warning and False."""
     error = future.exception()
     if error is not None:
         logger.warning("a background compile of paged_step failed (%s: %s); the step compiles "
