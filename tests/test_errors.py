@@ -157,6 +157,7 @@ def test_unsupported_dtype():
     ({"seed": "abc"}, "LLM seed must be an int"), ({"seed": -1}, "LLM seed must be an int"),
     ({"max_model_len": 0}, "max_model_len must be a positive int or None, got 0"),
     ({"max_logprobs": -1}, "max_logprobs must be an int >= 0"),
+    ({"padded_steps_before_compile": 0}, "padded_steps_before_compile must be a positive int"),
 ])
 def test_bad_engine_arguments_fail_before_the_model_loads(kwargs, message):
     # The path does not exist: the argument is rejected before anything tries to load it.

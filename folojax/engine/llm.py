@@ -67,7 +67,8 @@ class LLM:
                  async_scheduling: bool = True, max_logprobs: int = 20,
                  background_compile: bool = True, padded_steps_before_compile: int = 8,
                  warmup: bool = False):
-        _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs)
+        _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
+                           padded_steps_before_compile=padded_steps_before_compile)
         self.model = model if isinstance(model, Model) else load_model(
             model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer)
         config = self.model.config
@@ -183,7 +184,7 @@ class LLM:
         return [finished[r["request_id"]] for r in requests]
 
 
-def _check_engine_args(seed, max_model_len, max_logprobs) -> None:
+def _check_engine_args(seed, max_model_len, max_logprobs, padded_steps_before_compile) -> None:
     """The checks that need no model, made before it loads."""
     validate_seed(seed, "LLM")
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(
@@ -191,6 +192,10 @@ def _check_engine_args(seed, max_model_len, max_logprobs) -> None:
         raise ValueError(f"max_model_len must be a positive int or None, got {max_model_len!r}")
     if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
         raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
+    if (isinstance(padded_steps_before_compile, bool)
+            or not isinstance(padded_steps_before_compile, int) or padded_steps_before_compile < 1):
+        raise ValueError("padded_steps_before_compile must be a positive int, got "
+                         f"{padded_steps_before_compile!r}")
 
 
 def _num_kv_blocks(config: ModelConfig, dtype, block_size: int, num_kv_blocks: int | None,
