@@ -242,10 +242,18 @@ def test_a_client_that_leaves_before_the_answer_aborts_its_request(server):
     _wait_until_idle(server)
 
 
+def _aborted(server: str) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    found = re.search(r'^folojax:request_success_total\{finished_reason="abort"\} (\S+)$', text,
+                      re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_a_disconnected_stream_frees_its_request_and_blocks(server):
     body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 1500, "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
+    aborted = _aborted(server)
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers,
                       timeout=60) as response:
         lines = response.iter_lines()
@@ -254,6 +262,7 @@ def test_a_disconnected_stream_frees_its_request_and_blocks(server):
         assert _metric(server, "num_requests_running") == 1
         assert _metric(server, "kv_cache_usage_perc") > 0
     _wait_until_idle(server)
+    assert _aborted(server) == aborted + 1  # counted as vLLM does
     text = httpx.get(f"{server}/metrics", timeout=10).text
     assert 'folojax:request_success_total{finished_reason="length"}' in text
     assert "folojax:time_to_first_token_seconds_count" in text

@@ -202,7 +202,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             if isinstance(error, (ValueError, TypeError)):  # the engine rejected a prompt
                 raise APIError(400, str(error)) from None
             raise
-        histories = [metrics.track(ids) for _, ids in prompts]
+        histories = [metrics.track(ids, sampling.n) for _, ids in prompts]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream_events(
@@ -223,6 +223,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         while not work.done():  # a client that goes away aborts its requests at once
             done, _ = await asyncio.wait([work], timeout=0.25)
             if not done and await request.is_disconnected():
+                for history in histories:
+                    history.aborted()
                 await close_all(streams, [work])
                 return fastapi.Response(status_code=499)
         outputs = work.result()
@@ -273,6 +275,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         except EngineDeadError as error:
             yield json.dumps(APIError(503, str(error), "server_error").body())
         finally:  # the client went away, or an error: abort what still runs
+            for history in histories:
+                history.aborted()  # those not finished (before an await a cancel may cut)
             await close_all(streams, list(pending))
 
     def usage(outputs: list[RequestOutput]) -> dict:

@@ -31,7 +31,8 @@ class ServerMetrics:
         self.generation_tokens = prom.Counter("folojax:generation_tokens",
                                               "tokens generated", registry=self.registry)
         self.request_success = prom.Counter("folojax:request_success",
-                                            "requests finished, by finish reason",
+                                            "requests finished, by finish reason (abort: the "
+                                            "client went away)",
                                             ["finished_reason"], registry=self.registry)
         self.ttft = prom.Histogram("folojax:time_to_first_token_seconds",
                                    "time to the first token", buckets=LATENCY_BUCKETS,
@@ -46,16 +47,18 @@ class ServerMetrics:
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
 
-    def track(self, prompt_token_ids: list[int]) -> RequestHistory:
-        return RequestHistory(self, len(prompt_token_ids))
+    def track(self, prompt_token_ids: list[int], n: int = 1) -> RequestHistory:
+        return RequestHistory(self, len(prompt_token_ids), n)
 
 
 class RequestHistory:
-    """One request's latencies as its outputs arrive (counted when it finishes)."""
+    """One request's latencies as its outputs arrive (counted when it finishes, or when it is
+    aborted: its n completions as finished_reason "abort", as vLLM counts them)."""
 
-    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int):
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, n: int = 1):
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
+        self.n = n
         self.start = self.last = time.perf_counter()
         self.num_tokens = 0
         self.done = False
@@ -81,3 +84,9 @@ class RequestHistory:
             metrics.generation_tokens.inc(num_tokens)
             for completion in output.outputs:
                 metrics.request_success.labels(completion.finish_reason or "abort").inc()
+
+    def aborted(self) -> None:
+        """The request stopped before it finished (its client went away)."""
+        if not self.done:
+            self.done = True
+            self.metrics.request_success.labels("abort").inc(self.n)
