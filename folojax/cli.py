@@ -76,10 +76,12 @@ def _serve(args) -> int:
     from folojax.entrypoints.openai.api_server import run_server
 
     api_key = _check_serve(args)
-    handler = logging.StreamHandler()  # the engine's INFO lines, beside uvicorn's
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-    logging.getLogger("folojax").addHandler(handler)
-    logging.getLogger("folojax").setLevel(logging.INFO)
+    engine_logger = logging.getLogger("folojax")  # its INFO lines, beside uvicorn's
+    if not engine_logger.handlers:  # once per process, however often serve runs in it
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        engine_logger.addHandler(handler)
+    engine_logger.setLevel(logging.INFO)
     model = args.model if args.model is not None else args.model_option
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
