@@ -101,9 +101,9 @@ def test_quantized_gguf_weights_are_dequantized_and_unpermuted(tiny_llama, tmp_p
     restored_q = stored["model.layers.1.self_attn.q_proj.weight"]
     restored_q = (restored_q.reshape(num_heads, -1, 2, restored_q.shape[1]).swapaxes(1, 2)
                   .reshape(restored_q.shape))  # undo the writer's permutation
-    qkv = np.asarray(model.params.layers[1].attention.qkv.weight)
+    qkv = np.asarray(model.params.layers[1].attention.qkv.dense_weight())
     np.testing.assert_array_equal(qkv[:restored_q.shape[0]], restored_q)
-    np.testing.assert_array_equal(np.asarray(model.params.layers[0].mlp.down.weight),
+    np.testing.assert_array_equal(np.asarray(model.params.layers[0].mlp.down.dense_weight()),
                                   stored["model.layers.0.mlp.down_proj.weight"])
     original = tiny_llama.torch_model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
     quantization_error = np.abs(restored_q - original.numpy()).max()

@@ -13,10 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from folojax.config import ModelConfig
-from folojax.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu_mlp
+from folojax.model.layers import (
+    apply_rope,
+    embedding_rows,
+    linear,
+    rms_norm,
+    rope_cos_sin,
+    swiglu_mlp,
+)
 from folojax.model.rope import rope_inv_freq
-from folojax.model.weights import AttentionWeights
-from folojax.ops import cpu_matmul
+from folojax.model.weights import AttentionWeights, Linear
 from folojax.ops.attention import causal_attention
 
 # How many times each jitted function has been traced (= compiled), by name. Bucketing keeps these
@@ -68,7 +74,7 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
     rope_length: the sequence length RoPE's frequencies are for (folojax/model/rope.py);
     default max_position_embeddings.
     """
-    x = params.embed[token_ids]
+    x = embedding_rows(params.embed, token_ids)
     cos, sin = rope_cos_sin(positions, *rope_inv_freq(
         config, rope_length or config.max_position_embeddings))
     last = len(params.layers) - 1
@@ -86,10 +92,11 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:
     """Logits in float32; a tied head reads the embedding [vocab, hidden] without copying it."""
-    weight = params.head_weight
-    if cpu_matmul.serves(hidden, weight):
-        return cpu_matmul.small_matmul(hidden, weight)
-    return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=jnp.float32)
+    head = params.head
+    if isinstance(head, Linear):  # logits in float32 whatever the weights' dtype
+        return jnp.einsum("...h,vh->...v", hidden, head.weight,
+                          preferred_element_type=jnp.float32)
+    return linear(hidden, head).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -1,7 +1,8 @@
 """Pure building blocks of the decoder: linear layers, RMSNorm, rotary embeddings, the SwiGLU MLP.
 
-Weights keep Hugging Face's [out, in] layout and are applied as `x @ w.T`: XLA folds the
-transpose into the matmul instead of copying the weight.
+A Linear keeps Hugging Face's [out, in] layout and is applied as `x @ w.T` by XLA, which folds
+the transpose into the matmul instead of copying the weight. On CPU, float32 weights are loaded as
+PanelLinear, the C++ matmul kernel's layout (folojax/ops/cpu_matmul.py).
 """
 
 import functools
@@ -9,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from folojax.model.weights import Linear, MLPWeights
+from folojax.model.weights import Linear, MLPWeights, PanelLinear
 from folojax.ops import cpu_matmul
 
 
@@ -26,16 +27,22 @@ def apply_linear(weight, x: jax.Array) -> jax.Array:
 
 @apply_linear.register
 def _(weight: Linear, x: jax.Array) -> jax.Array:
-    y = matmul_transposed(x, weight.weight)
+    y = x @ weight.weight.T
     return y if weight.bias is None else y + weight.bias
 
 
-def matmul_transposed(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x [..., in] @ weight [out, in].T: a few float32 rows on CPU by the C++ kernel
-    (folojax/ops/cpu_matmul.py), else XLA's dot."""
-    if cpu_matmul.serves(x, weight):
-        return cpu_matmul.small_matmul(x, weight)
-    return x @ weight.T
+@apply_linear.register
+def _(weight: PanelLinear, x: jax.Array) -> jax.Array:
+    y = cpu_matmul.panel_matmul(x, weight.panels, weight.out_features)
+    return y if weight.bias is None else y + weight.bias
+
+
+def embedding_rows(table, token_ids: jax.Array) -> jax.Array:
+    """The embedding of `token_ids`: rows of a [vocab, hidden] table, or of a tied head kept
+    only as panels (a PanelLinear)."""
+    if isinstance(table, PanelLinear):
+        return cpu_matmul.panel_rows(table.panels, token_ids)
+    return table[token_ids]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

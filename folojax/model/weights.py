@@ -4,7 +4,7 @@ shapes per config (`expected_shapes` in folojax/weights/params.py builds from th
 Projections that read the same input are fused into one Linear each (q, k and v; gate and up),
 so a decode step streams each fused weight in one matrix-vector product: fewer, larger reads.
 `linear(x, w)` dispatches on the weight's type, so another weight type (a quantized one) plugs
-in beside Linear without touching the decoder.
+in beside Linear without touching the decoder: PanelLinear, the CPU kernel's layout, is one.
 """
 
 from __future__ import annotations
@@ -25,6 +25,25 @@ class Linear:
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def dense_weight(self) -> jax.Array:
+        return self.weight
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["panels", "bias"],
+                   meta_fields=["out_features"])
+@dataclasses.dataclass
+class PanelLinear:
+    """A Linear repacked at load time for the CPU matmul kernel (folojax/ops/cpu_matmul.py)."""
+    panels: jax.Array  # [ceil(out / 64), in, 64]: panel p, depth k holds weight[64p:64p + 64, k]
+    out_features: int
+    bias: jax.Array | None = None  # [out]
+
+    def dense_weight(self) -> jax.Array:
+        """[out, in], Hugging Face's layout (a copy)."""
+        num_panels, inner, width = self.panels.shape
+        dense = self.panels.transpose(0, 2, 1).reshape(num_panels * width, inner)
+        return dense[:self.out_features]
 
 
 @jax.tree_util.register_dataclass
@@ -55,12 +74,16 @@ class LayerWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelWeights:
-    embed: jax.Array  # [vocab, hidden]
+    # [vocab, hidden]; a tied embedding repacked for the CPU kernel is a PanelLinear (the head),
+    # whose rows the lookup gathers.
+    embed: jax.Array | PanelLinear
     layers: list[LayerWeights]
     final_norm: jax.Array  # [hidden]
-    lm_head: Linear | None = None  # None: tied to the embedding
+    lm_head: Linear | PanelLinear | None = None  # None: tied to the embedding
 
     @property
-    def head_weight(self) -> jax.Array:
-        """[vocab, hidden]: the lm_head's, or the tied embedding."""
-        return self.embed if self.lm_head is None else self.lm_head.weight
+    def head(self) -> Linear | PanelLinear:
+        """The lm_head's weights, or the tied embedding's (read in place, not copied)."""
+        if self.lm_head is not None:
+            return self.lm_head
+        return self.embed if isinstance(self.embed, PanelLinear) else Linear(self.embed)

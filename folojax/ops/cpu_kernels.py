@@ -1,6 +1,6 @@
-"""Native CPU kernels: C++ sources in folojax/ops/csrc (paged attention; the matmul of a few rows
-by a weight), compiled on first use with the system's C++ compiler against jaxlib's FFI headers
-into one library, cached, and registered as XLA FFI targets.
+"""Native CPU kernels: C++ sources in folojax/ops/csrc (paged attention; the matmul over weights
+repacked into panels), compiled on first use with the system's C++ compiler against jaxlib's
+FFI headers into one library, cached, and registered as XLA FFI targets.
 
 The build is cached under $FOLOJAX_CACHE_DIR (default ~/.cache/folojax), keyed by the source,
 the flags, the compiler, jaxlib's version and this CPU's instruction sets (it is built with
@@ -27,15 +27,13 @@ from folojax.env import switched_off
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
-SOURCES = tuple(SOURCE_DIR / name for name in ("paged_attention.cc", "matmul.cc"))
+SOURCES = tuple(SOURCE_DIR / name for name in ("paged_attention.cc", "panel_matmul.cc"))
 HEADERS = tuple(SOURCE_DIR / name for name in ("parallel_for.h",))
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
-SMALL_MATMUL_TARGET = "folojax_small_matmul"
-MANY_ROWS_MATMUL_TARGET = "folojax_many_rows_matmul"
+PANEL_MATMUL_TARGET = "folojax_panel_matmul"
 # FFI target -> the handler symbol the library exports.
 TARGETS = {PAGED_ATTENTION_TARGET: "FolojaxPagedAttention",
-           SMALL_MATMUL_TARGET: "FolojaxSmallMatmul",
-           MANY_ROWS_MATMUL_TARGET: "FolojaxManyRowsMatmul"}
+           PANEL_MATMUL_TARGET: "FolojaxPanelMatmul"}
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)
@@ -134,6 +132,22 @@ def start_loading() -> None:
     if "loaded" in _state or not enabled() or jax.default_backend() != "cpu":
         return
     threading.Thread(target=load, name="folojax-kernel-build", daemon=True).start()
+
+
+def expected(backend: str | None = None) -> bool:
+    """Whether the kernels are expected to serve this backend, without waiting for a build that
+    is under way: the outcome once loaded; before that, whether they are switched on for a CPU
+    backend with a C++ compiler at hand (a build that then fails warns, and callers fall back
+    to their pure-JAX path)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return False
+    if "loaded" in _state:
+        return available(backend)
+    try:
+        compiler()
+    except KernelBuildError:
+        return False
+    return enabled()
 
 
 def available(backend: str | None = None) -> bool:

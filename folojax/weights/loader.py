@@ -12,7 +12,7 @@ import numpy as np
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
-from folojax.ops import cpu_kernels
+from folojax.ops import cpu_kernels, cpu_matmul
 from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.params import build_params
 from folojax.weights.safetensors import read_safetensors
@@ -140,7 +140,7 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
         return jnp.asarray(np.asarray(array).astype(numpy_dtype, copy=False))
 
     params = build_params(config, names, load, convert, source=gguf_file or path,
-                          progress=progress)
+                          progress=progress, panels=cpu_matmul.packs_weights(dtype))
     tok = None
     if load_tokenizer:
         from folojax.tokenizer import load_tokenizer as _load_tokenizer

@@ -1,5 +1,6 @@
 """Turns named checkpoint tensors into the params pytree (folojax/model/weights.py), checking
-names and shapes exactly, and fusing q/k/v and gate/up."""
+names and shapes exactly, fusing q/k/v and gate/up, and (panels=True) repacking the linear
+weights into the CPU matmul kernel's panels (folojax/ops/cpu_matmul.py)."""
 
 from collections.abc import Callable
 
@@ -8,7 +9,15 @@ from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
-from folojax.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, ModelWeights
+from folojax.model.weights import (
+    AttentionWeights,
+    LayerWeights,
+    Linear,
+    MLPWeights,
+    ModelWeights,
+    PanelLinear,
+)
+from folojax.ops.cpu_matmul import pack_panels
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,11 +64,13 @@ def build_params(
     convert: Callable[[np.ndarray], object],
     source: str,
     progress: bool = False,
+    panels: bool = False,
 ) -> ModelWeights:
     """Checks every expected tensor is present exactly once with the right shape, then loads each.
 
     `load(name)` returns the tensor as numpy; `convert` turns it into a device array. Nothing is
     converted before every name has been checked, so a bad checkpoint fails fast and whole.
+    panels: every linear weight (and a tied embedding, which is the head) becomes a PanelLinear.
     """
     shapes = expected_shapes(config)
     names = [n for n in tensor_names if not n.endswith(_IGNORED_SUFFIXES)]
@@ -93,27 +104,34 @@ def build_params(
     def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> np.ndarray:
         return np.concatenate([arrays[f"{prefix}{part}.{suffix}"] for part in parts])
 
+    def linear(weight: np.ndarray, bias: np.ndarray | None = None) -> Linear | PanelLinear:
+        bias = None if bias is None else convert(bias)
+        if panels:
+            return PanelLinear(convert(pack_panels(weight)), weight.shape[0], bias)
+        return Linear(convert(weight), bias)
+
     def layer(index: int) -> LayerWeights:
         prefix = f"model.layers.{index}."
         qkv = tuple(f"self_attn.{name}_proj" for name in "qkv")
         attention = AttentionWeights(
-            qkv=Linear(convert(fused(prefix, qkv, "weight")),
-                       convert(fused(prefix, qkv, "bias")) if config.attention_bias else None),
-            o=Linear(convert(arrays[prefix + "self_attn.o_proj.weight"])),
+            qkv=linear(fused(prefix, qkv, "weight"),
+                       fused(prefix, qkv, "bias") if config.attention_bias else None),
+            o=linear(arrays[prefix + "self_attn.o_proj.weight"]),
             q_norm=convert(arrays[prefix + "self_attn.q_norm.weight"]) if config.use_qk_norm
             else None,
             k_norm=convert(arrays[prefix + "self_attn.k_norm.weight"]) if config.use_qk_norm
             else None)
-        mlp = MLPWeights(gate_up=Linear(convert(fused(prefix, ("mlp.gate_proj", "mlp.up_proj"),
-                                                      "weight"))),
-                         down=Linear(convert(arrays[prefix + "mlp.down_proj.weight"])))
+        mlp = MLPWeights(gate_up=linear(fused(prefix, ("mlp.gate_proj", "mlp.up_proj"), "weight")),
+                         down=linear(arrays[prefix + "mlp.down_proj.weight"]))
         return LayerWeights(
             input_norm=convert(arrays[prefix + "input_layernorm.weight"]), attention=attention,
             post_attention_norm=convert(arrays[prefix + "post_attention_layernorm.weight"]),
             mlp=mlp)
 
+    embed = arrays["model.embed_tokens.weight"]
+    tied_panels = config.tie_word_embeddings and panels  # the lookup reads the head's panels
     return ModelWeights(
-        embed=convert(arrays["model.embed_tokens.weight"]),
+        embed=linear(embed) if tied_panels else convert(embed),
         layers=[layer(i) for i in range(config.num_layers)],
         final_norm=convert(arrays["model.norm.weight"]),
-        lm_head=None if config.tie_word_embeddings else Linear(convert(arrays["lm_head.weight"])))
+        lm_head=None if config.tie_word_embeddings else linear(arrays["lm_head.weight"]))

@@ -126,19 +126,20 @@ def test_llm_with_token_prompts_matches_hf(tiny_qwen3, use_llm_api):
 
 
 def test_params_are_typed_with_fused_projections(tiny):
-    from folojax.model.weights import Linear, ModelWeights
+    from folojax.model.weights import Linear, ModelWeights, PanelLinear
 
     params, config = tiny.model.params, tiny.model.config
-    assert isinstance(params, ModelWeights) and isinstance(params.layers[0].attention.qkv, Linear)
+    assert isinstance(params, ModelWeights)
+    assert isinstance(params.layers[0].attention.qkv, (Linear, PanelLinear))
     state = tiny.torch_model.state_dict()
-    qkv = np.asarray(params.layers[1].attention.qkv.weight)
+    qkv = np.asarray(params.layers[1].attention.qkv.dense_weight())
     q_rows = config.num_heads * config.head_dim
     kv_rows = config.num_kv_heads * config.head_dim
     for name, rows in (("q", slice(0, q_rows)), ("k", slice(q_rows, q_rows + kv_rows)),
                        ("v", slice(q_rows + kv_rows, None))):
         np.testing.assert_array_equal(
             qkv[rows], state[f"model.layers.1.self_attn.{name}_proj.weight"].numpy())
-    gate_up = np.asarray(params.layers[0].mlp.gate_up.weight)
+    gate_up = np.asarray(params.layers[0].mlp.gate_up.dense_weight())
     np.testing.assert_array_equal(gate_up[config.intermediate_size:],
                                   state["model.layers.0.mlp.up_proj.weight"].numpy())
     assert (params.layers[0].attention.qkv.bias is not None) == config.attention_bias
