@@ -57,10 +57,10 @@ def rope_cos_sin(positions: jax.Array, inv_freq, scale: float = 1.0
     """cos and sin tables for `positions` [batch, seq] and inverse frequencies [head_dim / 2]
     (folojax/model/rope.py) -> two arrays [batch, seq, head_dim], times `scale`."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [batch, seq, head_dim]
-    if scale == 1.0:
-        return jnp.cos(angles), jnp.sin(angles)
-    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    cos, sin = jnp.cos(angles), jnp.sin(angles)  # [batch, seq, head_dim / 2]: each once
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
