@@ -14,6 +14,8 @@ import functools
 
 import jax
 
+from folojax.ops.cpu_matmul import unpack_panels  # the panel layout lives with its kernel
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["weight", "bias"],
                    meta_fields=[])
@@ -41,9 +43,7 @@ class PanelLinear:
 
     def dense_weight(self) -> jax.Array:
         """[out, in], Hugging Face's layout (a copy)."""
-        num_panels, inner, width = self.panels.shape
-        dense = self.panels.transpose(0, 2, 1).reshape(num_panels * width, inner)
-        return dense[:self.out_features]
+        return unpack_panels(self.panels, self.out_features)
 
 
 @jax.tree_util.register_dataclass

@@ -5,7 +5,8 @@ shape and layout (docs/BENCHMARKS.md).
 
 A weight [out, in] becomes panels [ceil(out / 64), in, 64]: panel p at depth k holds
 w[64p:64p + 64, k], zeros past the last output. `load_model` packs float32 weights this way where
-the kernels load on the CPU backend (FOLOJAX_NATIVE_KERNELS=0: never); see `packs_weights`.
+the kernels are expected on the CPU backend (FOLOJAX_NATIVE_KERNELS=0: never); see
+`packs_weights`.
 """
 
 import jax
@@ -33,6 +34,12 @@ def pack_panels(weight: np.ndarray) -> np.ndarray:
     if full < num_panels:
         panels[full, :, :out - full * PANEL] = weight[full * PANEL:].T
     return panels
+
+
+def unpack_panels(panels, out_features: int):
+    """The inverse of pack_panels: [out_features, in] (numpy or jax, as given)."""
+    num_panels, inner, width = panels.shape
+    return panels.transpose(0, 2, 1).reshape(num_panels * width, inner)[:out_features]
 
 
 def panel_matmul(x: jax.Array, panels: jax.Array, out_features: int) -> jax.Array:
