@@ -30,13 +30,13 @@ def test_panels_hold_the_weight_and_give_it_back(out, inner):
     np.testing.assert_array_equal(np.asarray(panel_linear(weight).dense_weight()), weight)
 
 
-# Rows: a tile of 6, every remainder 1-5, several tiles, and prefill-sized; outputs inside one
-# panel, exactly one, a partial last panel, many panels (tasks of several panels); inner sizes
-# odd and long.
+# Rows: a tile of 6, every remainder 1-5, several tiles, and prefill-sized, on both sides of
+# the 12 rows below which AVX2 takes rows one at a time; outputs inside one panel, exactly one,
+# a partial last panel, many panels (tasks of several panels); inner sizes odd and long.
 @needs_kernels
 @pytest.mark.parametrize("rows, inner, out", [
     (1, 576, 960), (2, 577, 1027), (3, 64, 7), (4, 20, 3), (5, 1536, 130), (6, 15, 65),
-    (7, 577, 64), (12, 1, 200), (13, 300, 197), (48, 1536, 130), (49, 64, 4097),
+    (7, 577, 64), (11, 65, 130), (12, 1, 200), (13, 300, 197), (48, 1536, 130), (49, 64, 4097),
     (100, 33, 63), (1030, 96, 321)])
 def test_panel_matmul_equals_numpy(rows, inner, out):
     rng = np.random.default_rng(rows * inner + out)

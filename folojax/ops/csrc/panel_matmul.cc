@@ -10,9 +10,9 @@
 // The group is as wide as the registers allow: with AVX-512 (32 registers of 16 floats) the
 // whole panel, 6 x 4 = 24 accumulators; with AVX2 (16 registers of 8 floats) a quarter of it,
 // 6 x 2 = 12 accumulators, one group after another. A single row takes the whole panel at once,
-// on both. Every tile reads its group again, from L1 or L2. Results are written in place,
-// [rows, out]: nothing is transposed before or after. Tasks are runs of panels, shared with the
-// threads of XLA's own pool.
+// on both, and on AVX2 so do up to 11 rows, one after another. Every tile reads its group again,
+// from L1 or L2. Results are written in place, [rows, out]: nothing is transposed before or
+// after. Tasks are runs of panels, shared with the threads of XLA's own pool.
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +37,9 @@ constexpr int kPanelVectors = kPanel / kLanes;            // vectors across a pa
 constexpr int64_t kGroupColumns = kGroupVectors * kLanes;  // columns per tile of several rows
 constexpr int64_t kGroups = kPanel / kGroupColumns;
 constexpr int kTileRows = 6;
+// With groups (AVX2), fewer rows than this take the panel one row at a time, which measured
+// faster up to 8 rows and even at 12 (docs/BENCHMARKS.md).
+constexpr int64_t kRowsOneByOneBelow = 12;
 constexpr int64_t kLine = 64;  // bytes per cache line
 typedef float Vector __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -88,7 +91,11 @@ void LastTile(int64_t rows, const float* x, int64_t ldx, const float* panel, int
 void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
             int64_t begin, int64_t end) {
   const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  const int64_t passes = M == 1 ? 1 : tiles * kGroups;  // tiles computed per panel
+  // Few rows, where the panel is split into groups: each row takes the whole panel at once, the
+  // first streaming it from memory in order and the others reading it again from L2 (group
+  // passes would each stream a quarter of every line's neighbours, strided).
+  const bool by_rows = M == 1 || (kGroups > 1 && M < kRowsOneByOneBelow);
+  const int64_t passes = by_rows ? M : tiles * kGroups;  // tiles computed per panel
   // Each pass prefetches its share of the next panel, spread evenly over its depth steps (at
   // least half a line per step: a step then touches a line every other time).
   const int64_t share = K * kPanel * sizeof(float) / passes;
@@ -99,8 +106,10 @@ void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K, in
     const char* next = reinterpret_cast<const char*>(panel + K * kPanel);
     const int64_t step = p + 1 < end ? step_bytes : 0;
     const int64_t n0 = p * kPanel, columns = std::min(kPanel, N - n0);
-    if (M == 1) {
-      Tile<1, kPanelVectors>(x, K, panel, K, out + n0, N, columns, next, step);
+    if (by_rows) {
+      for (int64_t m = 0; m < M; ++m)
+        Tile<1, kPanelVectors>(x + m * K, K, panel, K, out + m * N + n0, N, columns,
+                               next + m * share, step);
       continue;
     }
     int64_t pass = 0;
