@@ -70,7 +70,13 @@ void Tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out
       for (int j = 0; j < C; ++j) acc[i][j] += xs * w[j];
     }
   }
-  for (int i = 0; i < R; ++i) std::memcpy(out + i * ldo, acc[i], columns * sizeof(float));
+  for (int i = 0; i < R; ++i) {
+    if (columns == C * kLanes) {
+      std::memcpy(out + i * ldo, acc[i], sizeof(acc[i]));  // a constant size: vector stores
+    } else {
+      std::memcpy(out + i * ldo, acc[i], columns * sizeof(float));
+    }
+  }
 }
 
 // The rows [m, M) of x that remain after the full tiles, fewer than kTileRows.
@@ -127,6 +133,7 @@ void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K, in
     }
   }
 }
+
 ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> w_panels, ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
