@@ -214,17 +214,20 @@ void AttendTask(const Shapes& s, const float* q, const float* k_cache, const flo
   // Many queries per block (a prefill tile): transpose the block's keys once and compute all
   // queries' scores together; a few (decode): one dot product per key.
   const bool transpose = n > 8;
+  // Where the keys (and values) of the row's index-th block start in the pool.
+  auto slab_of = [&](int64_t index) {
+    return (int64_t{row_blocks.blocks[index]} * s.kv_heads + kv_head) * BS * D;
+  };
   for (int64_t index = row_blocks.begin[row]; index < row_blocks.begin[row + 1]; ++index) {
     const int32_t start = row_blocks.starts[index];
     if (start > furthest) continue;
-    const int64_t slab = (int64_t{row_blocks.blocks[index]} * s.kv_heads + kv_head) * BS * D;
+    const int64_t slab = slab_of(index);
     const float* keys = k_cache + slab;
     const float* values = v_cache + slab;
     // The row's next block: its keys and values are on their way to L2 while this block
     // computes (blocks lie anywhere in the pool, so no hardware prefetcher follows them).
     if (index + kPrefetchBlocks < row_blocks.begin[row + 1]) {
-      const int64_t ahead =
-          (int64_t{row_blocks.blocks[index + kPrefetchBlocks]} * s.kv_heads + kv_head) * BS * D;
+      const int64_t ahead = slab_of(index + kPrefetchBlocks);
       for (int64_t offset = 0; offset < BS * D; offset += kLineFloats) {
         __builtin_prefetch(k_cache + ahead + offset, 0, 2);
         __builtin_prefetch(v_cache + ahead + offset, 0, 2);

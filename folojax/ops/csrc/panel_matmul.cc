@@ -100,7 +100,8 @@ void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K, in
   // Few rows, where the panel is split into groups: each row takes the whole panel at once, the
   // first streaming it from memory in order and the others reading it again from L2 (group
   // passes would each stream a quarter of every line's neighbours, strided).
-  const bool by_rows = M == 1 || (kGroups > 1 && M < kRowsOneByOneBelow);
+  // (Without groups a single row is already a whole-panel tile.)
+  const bool by_rows = kGroups > 1 && M < kRowsOneByOneBelow;
   const int64_t passes = by_rows ? M : tiles * kGroups;  // tiles computed per panel
   // Each pass prefetches its share of the next panel, spread evenly over its depth steps (at
   // least half a line per step: a step then touches a line every other time).
