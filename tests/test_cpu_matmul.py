@@ -78,10 +78,10 @@ def test_a_panel_linear_adds_its_bias_and_keeps_leading_dims():
 def test_embedding_rows_are_gathered_from_a_tied_heads_panels():
     table = np.random.default_rng(2).standard_normal((130, 24), dtype=np.float32)
     ids = jnp.asarray([[0, 63, 64], [129, 5, 64]])
-    np.testing.assert_array_equal(np.asarray(embedding_rows(panel_linear(table), ids)),
-                                  table[np.asarray(ids)])
-    np.testing.assert_array_equal(np.asarray(embedding_rows(jnp.asarray(table), ids)),
-                                  table[np.asarray(ids)])
+    np.testing.assert_array_equal(
+        np.asarray(embedding_rows(panel_linear(table), ids, jnp.float32)), table[np.asarray(ids)])
+    np.testing.assert_array_equal(
+        np.asarray(embedding_rows(jnp.asarray(table), ids, jnp.float32)), table[np.asarray(ids)])
 
 
 @needs_kernels

@@ -2,12 +2,14 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import folojax
 from folojax.errors import CheckpointError
+from folojax.model.weights import QuantLinear
 from tests.conftest import make_tiny_checkpoint
 from tests.reference.test_hf_equivalence import assert_close, torch_logits
 
@@ -88,15 +90,23 @@ def test_f32_gguf_matches_torch(tiny_llama, tmp_path):
     assert_close(folojax.forward(model.params, model.config, ids), torch_logits(tiny_llama, ids))
 
 
-@pytest.mark.parametrize("matrix_type", [gguf.GGMLQuantizationType.F16,
-                                         gguf.GGMLQuantizationType.Q8_0,
-                                         gguf.GGMLQuantizationType.Q4_0,
-                                         gguf.GGMLQuantizationType.Q4_1])
-def test_quantized_gguf_weights_are_dequantized_and_unpermuted(tiny_llama, tmp_path,
-                                                                matrix_type):
+KEPT_TYPES = [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+              gguf.GGMLQuantizationType.Q4_1]
+
+
+@pytest.mark.parametrize("quantization", ["auto", "none"])
+@pytest.mark.parametrize("matrix_type", [gguf.GGMLQuantizationType.F16, *KEPT_TYPES])
+def test_quantized_gguf_weights_are_read_exactly_and_unpermuted(tiny_llama, tmp_path,
+                                                                matrix_type, quantization):
+    """Kept quantized ("auto") or dequantized ("none"), the weights are the file's values."""
     path = str(tmp_path / f"tiny-{matrix_type.name}.gguf")
     stored = write_llama_gguf(tiny_llama, path, matrix_type)
-    model = folojax.load_model(path, dtype="float32", load_tokenizer=False)
+    model = folojax.load_model(path, dtype="float32", load_tokenizer=False,
+                               quantization=quantization)
+    kept = quantization == "auto" and matrix_type in KEPT_TYPES
+    for linear in (model.params.layers[0].attention.qkv, model.params.lm_head):
+        assert isinstance(linear, QuantLinear) == kept
+    assert isinstance(model.params.embed, jax.Array)  # untied: the lookup stays float
     num_heads = tiny_llama.torch_model.config.num_attention_heads
     restored_q = stored["model.layers.1.self_attn.q_proj.weight"]
     restored_q = (restored_q.reshape(num_heads, -1, 2, restored_q.shape[1]).swapaxes(1, 2)
@@ -108,6 +118,20 @@ def test_quantized_gguf_weights_are_dequantized_and_unpermuted(tiny_llama, tmp_p
     original = tiny_llama.torch_model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
     quantization_error = np.abs(restored_q - original.numpy()).max()
     assert quantization_error < 0.1 * np.abs(original.numpy()).max()
+
+
+@pytest.mark.parametrize("matrix_type", KEPT_TYPES)
+def test_kept_quantized_logits_equal_the_dequantized_models(tiny_llama, tmp_path, matrix_type):
+    """The same weights either way: only the order of float32 sums differs."""
+    path = str(tmp_path / f"tiny-{matrix_type.name}.gguf")
+    write_llama_gguf(tiny_llama, path, matrix_type)
+    kept, dequantized = (folojax.load_model(path, dtype="float32", load_tokenizer=False,
+                                            quantization=quantization)
+                         for quantization in ("auto", "none"))
+    ids = np.random.default_rng(1).integers(3, 320, (2, 19)).tolist()
+    ours = np.asarray(folojax.forward(kept.params, kept.config, ids))
+    reference = np.asarray(folojax.forward(dequantized.params, dequantized.config, ids))
+    assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
 def test_truncated_gguf_is_a_checkpoint_error(tiny_llama, tmp_path):

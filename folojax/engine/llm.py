@@ -23,6 +23,7 @@ from folojax.outputs import RequestOutput
 from folojax.sampling_params import SamplingParams
 from folojax.tokenizer import apply_chat_template
 from folojax.weights.loader import Model, load_model
+from folojax.weights.quantized import check_quantization
 
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
 DEFAULT_ACCELERATOR_KV_CACHE_FRACTION = 0.5  # of the device memory free after loading weights
@@ -36,6 +37,9 @@ class LLM:
         SmolLM2-135M-Instruct, or a folojax.Model already loaded (then dtype, tokenizer and
         skip_tokenizer_init are its own).
       dtype: "auto" (bfloat16 on an accelerator, float32 on CPU), "float32", "bfloat16", "float16".
+      quantization: "auto" (a GGUF's Q4_0, Q4_1 and Q8_0 tensors stay quantized), "none"
+        (everything dequantized to dtype), "int8" (linear weights quantized per output channel
+        at load time); see load_model.
       max_model_len: longest prompt plus output; default the model's max_position_embeddings.
       seed: randomness for requests without their own seed.
       block_size: tokens per KV-cache block.
@@ -66,11 +70,13 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  async_scheduling: bool = True, max_logprobs: int = 20,
                  background_compile: bool = True, padded_steps_before_compile: int = 8,
-                 warmup: bool = False):
+                 warmup: bool = False, quantization: str = "auto"):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
                            padded_steps_before_compile=padded_steps_before_compile)
+        check_quantization(quantization)
         self.model = model if isinstance(model, Model) else load_model(
-            model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer)
+            model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer,
+            quantization=quantization)
         config = self.model.config
         if max_model_len is None:
             max_model_len = config.max_position_embeddings

@@ -74,7 +74,7 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
     rope_length: the sequence length RoPE's frequencies are for (folojax/model/rope.py);
     default max_position_embeddings.
     """
-    x = embedding_rows(params.embed, token_ids)
+    x = embedding_rows(params.embed, token_ids, params.final_norm.dtype)  # the model's dtype
     cos, sin = rope_cos_sin(positions, *rope_inv_freq(
         config, rope_length or config.max_position_embeddings))
     last = len(params.layers) - 1

@@ -2,7 +2,8 @@
 
 A Linear keeps Hugging Face's [out, in] layout and is applied as `x @ w.T` by XLA, which folds
 the transpose into the matmul instead of copying the weight. On CPU, float32 weights are loaded as
-PanelLinear, the C++ matmul kernel's layout (folojax/ops/cpu_matmul.py).
+PanelLinear, the C++ matmul kernel's layout (folojax/ops/cpu_matmul.py); quantized weights are a
+QuantLinear in the same panels (folojax/ops/quant_matmul.py).
 """
 
 import functools
@@ -10,8 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from folojax.model.weights import Linear, MLPWeights, PanelLinear
-from folojax.ops import cpu_matmul
+from folojax.model.weights import Linear, MLPWeights, PanelLinear, QuantLinear
+from folojax.ops import cpu_matmul, quant_matmul
 
 
 def linear(x: jax.Array, weight) -> jax.Array:
@@ -37,12 +38,22 @@ def _(weight: PanelLinear, x: jax.Array) -> jax.Array:
     return y if weight.bias is None else y + weight.bias
 
 
-def embedding_rows(table, token_ids: jax.Array) -> jax.Array:
-    """The embedding of `token_ids`: rows of a [vocab, hidden] table, or of a tied head kept
-    only as panels (a PanelLinear)."""
+@apply_linear.register
+def _(weight: QuantLinear, x: jax.Array) -> jax.Array:
+    y = quant_matmul.quant_matmul(x, weight.codes, weight.scales, weight.offsets,
+                                  weight.out_features)
+    return y if weight.bias is None else y + weight.bias
+
+
+def embedding_rows(table, token_ids: jax.Array, dtype) -> jax.Array:
+    """The embedding of `token_ids` in `dtype`: rows of a [vocab, hidden] table, or of a tied
+    head kept only as panels (a PanelLinear) or quantized (a QuantLinear, dequantized here)."""
     if isinstance(table, PanelLinear):
-        return cpu_matmul.panel_rows(table.panels, token_ids)
-    return table[token_ids]
+        return cpu_matmul.panel_rows(table.panels, token_ids).astype(dtype)
+    if isinstance(table, QuantLinear):
+        return quant_matmul.quantized_rows(table.codes, table.scales, table.offsets, token_ids,
+                                           dtype)
+    return table[token_ids].astype(dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -3,8 +3,9 @@ shapes per config (`expected_shapes` in folojax/weights/params.py builds from th
 
 Projections that read the same input are fused into one Linear each (q, k and v; gate and up),
 so a decode step streams each fused weight in one matrix-vector product: fewer, larger reads.
-`linear(x, w)` dispatches on the weight's type, so another weight type (a quantized one) plugs
-in beside Linear without touching the decoder: PanelLinear, the CPU kernel's layout, is one.
+`linear(x, w)` dispatches on the weight's type, so other weight types plug in beside Linear
+without touching the decoder: PanelLinear (the CPU kernel's float layout) and QuantLinear
+(weights kept quantized, in the same panels) are two.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import functools
 
 import jax
 
-from folojax.ops.cpu_matmul import unpack_panels  # the panel layout lives with its kernel
+from folojax.ops.cpu_matmul import unpack_panels  # the panel layouts live with their kernels
+from folojax.ops.quant_matmul import dequantize_panels
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["weight", "bias"],
@@ -46,6 +48,28 @@ class PanelLinear:
         return unpack_panels(self.panels, self.out_features)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["codes", "scales", "offsets", "bias"], meta_fields=["out_features"])
+@dataclasses.dataclass
+class QuantLinear:
+    """A Linear kept quantized, 4 or 8 bits with a scale and an offset per output and group of
+    inputs, in panels (the layout: folojax/ops/quant_matmul.py)."""
+    codes: jax.Array  # [P, in, 64] int8 (8 bits) or [P, in, 32] uint8 (4 bits, two per byte)
+    scales: jax.Array  # [P, G, 64] float16
+    offsets: jax.Array  # [P, G, 64] float16
+    out_features: int
+    bias: jax.Array | None = None  # [out]
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.codes.dtype == jax.numpy.int8 else 4
+
+    def dense_weight(self) -> jax.Array:
+        """[out, in] float32, Hugging Face's layout (a dequantized copy)."""
+        return unpack_panels(dequantize_panels(self.codes, self.scales, self.offsets),
+                             self.out_features)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionWeights:
@@ -74,16 +98,17 @@ class LayerWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelWeights:
-    # [vocab, hidden]; a tied embedding repacked for the CPU kernel is a PanelLinear (the head),
-    # whose rows the lookup gathers.
-    embed: jax.Array | PanelLinear
+    # [vocab, hidden]; a tied embedding repacked for the CPU kernel or kept quantized is a
+    # PanelLinear or a QuantLinear (the head), whose rows the lookup gathers.
+    embed: jax.Array | PanelLinear | QuantLinear
     layers: list[LayerWeights]
     final_norm: jax.Array  # [hidden]
-    lm_head: Linear | PanelLinear | None = None  # None: tied to the embedding
+    lm_head: Linear | PanelLinear | QuantLinear | None = None  # None: tied to the embedding
 
     @property
-    def head(self) -> Linear | PanelLinear:
+    def head(self) -> Linear | PanelLinear | QuantLinear:
         """The lm_head's weights, or the tied embedding's (read in place, not copied)."""
         if self.lm_head is not None:
             return self.lm_head
-        return self.embed if isinstance(self.embed, PanelLinear) else Linear(self.embed)
+        return self.embed if isinstance(self.embed, PanelLinear | QuantLinear) else Linear(
+            self.embed)

@@ -1,4 +1,5 @@
-"""Loads llama.cpp GGUF files: config from the metadata, weights dequantized by the `gguf` package.
+"""Loads llama.cpp GGUF files: config from the metadata; weights kept quantized (Q4_0, Q4_1 and
+Q8_0 blocks, folojax/weights/quantized.py) or dequantized by the `gguf` package.
 
 Tensors come back under their Hugging Face names so that params.build_params checks them like a
 safetensors checkpoint. llama.cpp's converter permutes the rows of the llama q and k projections
@@ -11,6 +12,7 @@ import numpy as np
 
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError, UnsupportedModelError
+from folojax.weights.quantized import GGUF_KEPT_TYPES, QuantizedTensor, from_gguf_blocks
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
@@ -102,9 +104,11 @@ def _undo_llama_rope_permutation(weight: np.ndarray, num_heads: int) -> np.ndarr
     return weight.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_gguf(path: str | os.PathLike, reader=None) -> tuple[ModelConfig, list[str], callable]:
-    """Returns (config, HF tensor names, load(name) -> float32 numpy) for a GGUF file (`reader`:
-    the file already opened by open_gguf, which parses all its metadata: open it once)."""
+def read_gguf(path: str | os.PathLike, reader=None, keep_quantized: bool = False
+              ) -> tuple[ModelConfig, list[str], callable]:
+    """Returns (config, HF tensor names, load(name)) for a GGUF file (`reader`: the file already
+    opened by open_gguf, which parses all its metadata: open it once). load returns float32
+    numpy, or with keep_quantized a QuantizedTensor for the Q4_0, Q4_1 and Q8_0 tensors."""
     import gguf
 
     path = os.fspath(path)
@@ -114,8 +118,18 @@ def read_gguf(path: str | os.PathLike, reader=None) -> tuple[ModelConfig, list[s
     permute_heads = {"self_attn.q_proj.weight": config.num_heads,
                      "self_attn.k_proj.weight": config.num_kv_heads}
 
-    def load(name: str) -> np.ndarray:
+    def load(name: str) -> np.ndarray | QuantizedTensor:
         tensor = tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        suffix = name.split(".", 3)[-1]
+        permute = config.architecture == "LlamaForCausalLM" and suffix in permute_heads
+        if keep_quantized and tensor.tensor_type.name in GGUF_KEPT_TYPES and len(shape) == 2:
+            weight = from_gguf_blocks(tensor.data, tensor.tensor_type.name, shape,
+                                      f"{path}: tensor {tensor.name!r}")
+            if permute:
+                weight = weight.map_rows(
+                    lambda rows: _undo_llama_rope_permutation(rows, permute_heads[suffix]))
+            return weight
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as e:
@@ -123,9 +137,8 @@ def read_gguf(path: str | os.PathLike, reader=None) -> tuple[ModelConfig, list[s
                 f"{path}: cannot dequantize tensor {tensor.name!r} of type "
                 f"{tensor.tensor_type.name}: {e}"
             ) from None
-        array = np.asarray(array, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-        suffix = name.split(".", 3)[-1]
-        if config.architecture == "LlamaForCausalLM" and suffix in permute_heads:
+        array = np.asarray(array, np.float32).reshape(shape)
+        if permute:
             array = _undo_llama_rope_permutation(array, permute_heads[suffix])
         return array
 

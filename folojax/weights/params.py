@@ -1,9 +1,11 @@
 """Turns named checkpoint tensors into the params pytree (folojax/model/weights.py), checking
-names and shapes exactly, fusing q/k/v and gate/up, and (panels=True) repacking the linear
-weights into the CPU matmul kernel's panels (folojax/ops/cpu_matmul.py)."""
+names and shapes exactly, fusing q/k/v and gate/up, keeping quantized tensors quantized
+(QuantLinear), and (panels=True) repacking the float linear weights into the CPU matmul
+kernel's panels (folojax/ops/cpu_matmul.py)."""
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -16,8 +18,11 @@ from folojax.model.weights import (
     MLPWeights,
     ModelWeights,
     PanelLinear,
+    QuantLinear,
 )
 from folojax.ops.cpu_matmul import pack_panels
+from folojax.ops.quant_matmul import pack_quantized
+from folojax.weights.quantized import QuantizedTensor, concatenate_rows, dense
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -65,12 +70,17 @@ def build_params(
     source: str,
     progress: bool = False,
     panels: bool = False,
+    quantize: Callable[[np.ndarray], QuantizedTensor] | None = None,
 ) -> ModelWeights:
     """Checks every expected tensor is present exactly once with the right shape, then loads each.
 
-    `load(name)` returns the tensor as numpy; `convert` turns it into a device array. Nothing is
-    converted before every name has been checked, so a bad checkpoint fails fast and whole.
-    panels: every linear weight (and a tied embedding, which is the head) becomes a PanelLinear.
+    `load(name)` returns the tensor as numpy, or as a QuantizedTensor (kept quantized: a linear
+    weight becomes a QuantLinear, anything else is dequantized); `convert` turns float numpy into
+    a device array of the model's dtype. Nothing is converted before every name has been checked,
+    so a bad checkpoint fails fast and whole.
+    panels: every float linear weight (and a tied embedding, which is the head) becomes a
+    PanelLinear. quantize: every float linear weight (the tied embedding too, as the head) is
+    quantized by it into a QuantLinear; an untied embedding stays float (a lookup reads few rows).
     """
     shapes = expected_shapes(config)
     names = [n for n in tensor_names if not n.endswith(_IGNORED_SUFFIXES)]
@@ -101,11 +111,19 @@ def build_params(
     names_bar = tqdm(shapes, desc="Loading weights", unit="tensor", disable=not progress,
                      leave=False)
     arrays = {name: get(name) for name in names_bar}  # checked before anything is converted
-    def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> np.ndarray:
-        return np.concatenate([arrays[f"{prefix}{part}.{suffix}"] for part in parts])
+    def fused(prefix: str, parts: tuple[str, ...], suffix: str):
+        return concatenate_rows([arrays[f"{prefix}{part}.{suffix}"] for part in parts])
 
-    def linear(weight: np.ndarray, bias: np.ndarray | None = None) -> Linear | PanelLinear:
-        bias = None if bias is None else convert(bias)
+    def floats(name: str):
+        return convert(dense(arrays[name]))
+
+    def linear(weight, bias=None) -> Linear | PanelLinear | QuantLinear:
+        bias = None if bias is None else convert(dense(bias))
+        if quantize is not None and not isinstance(weight, QuantizedTensor):
+            weight = quantize(weight)
+        if isinstance(weight, QuantizedTensor):
+            packed = pack_quantized(weight.codes, weight.scales, weight.offsets, weight.bits)
+            return QuantLinear(*map(jnp.asarray, packed), weight.shape[0], bias)
         if panels:
             return PanelLinear(convert(pack_panels(weight)), weight.shape[0], bias)
         return Linear(convert(weight), bias)
@@ -117,21 +135,20 @@ def build_params(
             qkv=linear(fused(prefix, qkv, "weight"),
                        fused(prefix, qkv, "bias") if config.attention_bias else None),
             o=linear(arrays[prefix + "self_attn.o_proj.weight"]),
-            q_norm=convert(arrays[prefix + "self_attn.q_norm.weight"]) if config.use_qk_norm
-            else None,
-            k_norm=convert(arrays[prefix + "self_attn.k_norm.weight"]) if config.use_qk_norm
-            else None)
+            q_norm=floats(prefix + "self_attn.q_norm.weight") if config.use_qk_norm else None,
+            k_norm=floats(prefix + "self_attn.k_norm.weight") if config.use_qk_norm else None)
         mlp = MLPWeights(gate_up=linear(fused(prefix, ("mlp.gate_proj", "mlp.up_proj"), "weight")),
                          down=linear(arrays[prefix + "mlp.down_proj.weight"]))
         return LayerWeights(
-            input_norm=convert(arrays[prefix + "input_layernorm.weight"]), attention=attention,
-            post_attention_norm=convert(arrays[prefix + "post_attention_layernorm.weight"]),
-            mlp=mlp)
+            input_norm=floats(prefix + "input_layernorm.weight"), attention=attention,
+            post_attention_norm=floats(prefix + "post_attention_layernorm.weight"), mlp=mlp)
 
     embed = arrays["model.embed_tokens.weight"]
-    tied_panels = config.tie_word_embeddings and panels  # the lookup reads the head's panels
+    # A tied embedding is the head: the lookup reads the head's panels or quantized codes.
+    embed_is_head = config.tie_word_embeddings and (
+        panels or quantize is not None or isinstance(embed, QuantizedTensor))
     return ModelWeights(
-        embed=linear(embed) if tied_panels else convert(embed),
+        embed=linear(embed) if embed_is_head else convert(dense(embed)),
         layers=[layer(i) for i in range(config.num_layers)],
-        final_norm=convert(arrays["model.norm.weight"]),
+        final_norm=floats("model.norm.weight"),
         lm_head=None if config.tie_word_embeddings else linear(arrays["lm_head.weight"]))

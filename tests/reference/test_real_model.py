@@ -2,11 +2,14 @@
 
 import os
 
+import jax
+import numpy as np
 import pytest
 import torch
 import transformers
 
 import folojax
+from folojax.model.weights import PanelLinear, QuantLinear
 from folojax.weights.loader import embedded_model_path
 
 pytestmark = pytest.mark.real_model
@@ -81,3 +84,19 @@ def test_n_completions_and_seeds(smollm2):
     single = smollm2.generate(["Tell me a story about a cat."], folojax.SamplingParams(
         temperature=1.0, max_tokens=12, seed=7, ignore_eos=True), use_tqdm=False)[0]
     assert single.outputs[0].token_ids == outputs.outputs[0].token_ids
+
+
+def test_the_embedded_gguf_stays_quantized_and_equals_its_dequantized_logits(smollm2):
+    """Its Q4_1 linears stay 4-bit and its tied Q8_0 embedding (the head) 8-bit; the logits equal
+    the dequantized model's up to the order of float32 sums."""
+    params = smollm2.model.params
+    assert isinstance(params.embed, QuantLinear) and params.embed.bits == 8
+    assert params.lm_head is None and params.head is params.embed
+    assert all(isinstance(layer.mlp.gate_up, QuantLinear) and layer.mlp.gate_up.bits == 4
+               for layer in params.layers)
+    dequantized = folojax.load_model(quantization="none", load_tokenizer=False, progress=False)
+    assert isinstance(dequantized.params.embed, jax.Array | PanelLinear)
+    ids = [smollm2.get_tokenizer()("The capital of France is Paris, and").input_ids]
+    ours = np.asarray(folojax.forward(params, smollm2.model.config, ids))
+    reference = np.asarray(folojax.forward(dequantized.params, dequantized.config, ids))
+    assert np.abs(ours - reference).max() <= 2e-5 * np.abs(reference).max()
