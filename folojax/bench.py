@@ -1,5 +1,6 @@
-"""`folojax bench`: TTFT, TPOT and tokens/s of folojax, and of transformers+torch on the same
-model and workload in the same run (--compare-hf).
+"""`folojax bench`: TTFT, TPOT and tokens/s of folojax, and of transformers+torch (--compare-hf)
+and llama.cpp (--compare-llama-cpp, a GGUF file) on the same model and workload in the same run;
+with several --quantization choices, folojax once per choice, each loaded in turn.
 
 Workload: batch_size prompts of prompt_len random token ids, then max_tokens greedy tokens with
 EOS ignored. Compilation is measured separately: the first (warm-up) run pays it, the timed runs
@@ -21,6 +22,7 @@ from folojax.model.decoder import num_compiles
 from folojax.ops.paged_kv_cache import init_cache
 from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import load_model, resolve_dtype, resolve_model_path
+from folojax.weights.quantized import check_quantization
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class BenchResult:
     prompt_len: int
     compile_seconds: float | None = None
     num_compiles: int | None = None
+    weight_bytes: int | None = None  # read per decode token, where known
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -85,7 +88,8 @@ def workload(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -
     return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
 
 
-def bench_llm(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
+def bench_llm(model, prompts, max_tokens: int, repeats: int, name: str = "folojax LLM"
+              ) -> BenchResult:
     """The same workload through folojax.LLM (the engine), on the already loaded model."""
     from folojax.engine.llm import LLM
 
@@ -100,10 +104,11 @@ def bench_llm(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
         outputs = llm.generate(requests, sampling, use_tqdm=False)
         return outputs[0].metrics, time.perf_counter() - start
 
-    return _timed_runs("folojax LLM", run, prompts, repeats)
+    return _timed_runs(name, run, prompts, repeats, decode_weight_bytes(model.params))
 
 
-def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
+def bench_folojax(model, prompts, max_tokens: int, repeats: int, name: str = "folojax"
+                  ) -> BenchResult:
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     max_seq_len = len(prompts[0]) + max_tokens
 
@@ -114,10 +119,11 @@ def bench_folojax(model, prompts, max_tokens: int, repeats: int) -> BenchResult:
                           sampling=sampling)
         return result.metrics[0], time.perf_counter() - start
 
-    return _timed_runs("folojax", run, prompts, repeats)
+    return _timed_runs(name, run, prompts, repeats, decode_weight_bytes(model.params))
 
 
-def _timed_runs(name: str, run, prompts, repeats: int) -> BenchResult:
+def _timed_runs(name: str, run, prompts, repeats: int, weight_bytes: int | None = None
+                ) -> BenchResult:
     """A warm-up run (it compiles: counted and timed), then `repeats` runs, medians reported.
     `run() -> (the first request's RequestMetrics, seconds)`."""
     compiles_before = num_compiles()
@@ -128,7 +134,8 @@ def _timed_runs(name: str, run, prompts, repeats: int) -> BenchResult:
     tpot = statistics.median(metrics.tpot for metrics, _ in runs)
     steady = statistics.median(seconds for _, seconds in runs)
     return BenchResult(name, ttft, tpot, len(prompts), len(prompts[0]),
-                       compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles)
+                       compile_seconds=max(warmup_seconds - steady, 0.0), num_compiles=compiles,
+                       weight_bytes=weight_bytes)
 
 
 def load_torch_model(path: str, dtype: str):
@@ -178,47 +185,66 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
 
 def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
               prompt_len: int = 128, max_tokens: int = 64, repeats: int = 3,
-              compare_hf: bool = False) -> tuple[list[BenchResult], StreamingLimit]:
-    """folojax.generate, folojax.LLM and (compare_hf) transformers on the workload, and the
-    machine's weight-streaming limit for the model."""
+              compare_hf: bool = False, quantizations: tuple[str, ...] = ("auto",),
+              compare_llama_cpp: bool = False) -> tuple[list[BenchResult], StreamingLimit]:
+    """folojax.generate and folojax.LLM for each of `quantizations` (load_model's choices, each
+    loaded in turn), then transformers (compare_hf) and llama.cpp (compare_llama_cpp, on the
+    same GGUF file) on the workload, and the machine's weight-streaming limit for the first
+    choice's weights."""
     if max_tokens < 2:
         raise ValueError("bench needs max_tokens >= 2 to measure decoding")
+    for quantization in quantizations:
+        check_quantization(quantization)
     path = resolve_model_path(model_path)
-    model = load_model(path, dtype, load_tokenizer=False)
-    prompts = workload(model.config.vocab_size, batch_size, prompt_len)
-    weight_bytes = decode_weight_bytes(model.params)
-    limit = StreamingLimit(weight_bytes, measure_streaming_rate(weight_bytes))
-    results = [bench_folojax(model, prompts, max_tokens, repeats),
-               bench_llm(model, prompts, max_tokens, repeats)]
-    if compare_hf:
+    if compare_llama_cpp and not path.endswith(".gguf"):
+        raise ValueError(f"--compare-llama-cpp needs a .gguf file, got {path}")
+    results, limit = [], None
+    for quantization in quantizations:
+        model = load_model(path, dtype, load_tokenizer=False, quantization=quantization,
+                           progress=False)
+        prompts = workload(model.config.vocab_size, batch_size, prompt_len)
+        if limit is None:
+            weight_bytes = decode_weight_bytes(model.params)
+            limit = StreamingLimit(weight_bytes, measure_streaming_rate(weight_bytes))
+        suffix = "" if len(quantizations) == 1 else f" [{quantization}]"
+        results += [bench_folojax(model, prompts, max_tokens, repeats, "folojax" + suffix),
+                    bench_llm(model, prompts, max_tokens, repeats, "folojax LLM" + suffix)]
         del model
+    if compare_hf:
         results.append(bench_transformers(path, np.dtype(resolve_dtype(dtype)).name, prompts,
                                           max_tokens, repeats))
+    if compare_llama_cpp:
+        from folojax.bench_llama_cpp import bench_llama_cpp
+
+        results.append(bench_llama_cpp(path, prompts, max_tokens, repeats))
     return results, limit
 
 
 def format_results(results: list[BenchResult], limit: StreamingLimit | None = None) -> str:
-    lines = [f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'decode tok/s':>14}"
-             f"{'prefill tok/s':>15}{'compile s':>11}{'compiles':>10}"]
+    width = max(14, *(len(r.name) + 2 for r in results))
+    lines = [f"{'engine':<{width}}{'TTFT ms':>10}{'TPOT ms':>10}{'decode tok/s':>14}"
+             f"{'prefill tok/s':>15}{'compile s':>11}{'compiles':>10}{'weights MB':>12}"]
     for r in results:
         compile_s = f"{r.compile_seconds:.1f}" if r.compile_seconds is not None else "-"
         compiles = str(r.num_compiles) if r.num_compiles is not None else "-"
-        lines.append(f"{r.name:<14}{r.ttft * 1e3:>10.1f}{r.tpot * 1e3:>10.2f}"
+        weights = f"{r.weight_bytes / 1e6:.0f}" if r.weight_bytes is not None else "-"
+        lines.append(f"{r.name:<{width}}{r.ttft * 1e3:>10.1f}{r.tpot * 1e3:>10.2f}"
                      f"{r.decode_tokens_per_second:>14.1f}{r.prefill_tokens_per_second:>15.1f}"
-                     f"{compile_s:>11}{compiles:>10}")
-    reference = next((r for r in results if r.name == "transformers"), None)
-    for ours in results:
-        if reference is not None and ours is not reference:
-            lines.append(f"{ours.name} / transformers: decode tok/s x"
-                         f"{ours.decode_tokens_per_second / reference.decode_tokens_per_second:.2f}"
-                         f", prefill (TTFT) x{reference.ttft / ours.ttft:.2f}")
+                     f"{compile_s:>11}{compiles:>10}{weights:>12}")
+    for peer in ("transformers", "llama.cpp"):
+        reference = next((r for r in results if r.name == peer), None)
+        for ours in results:
+            if reference is not None and ours.name.startswith("folojax"):
+                speedup = ours.decode_tokens_per_second / reference.decode_tokens_per_second
+                lines.append(f"{ours.name} / {peer}: decode tok/s x{speedup:.2f}, "
+                             f"prefill (TTFT) x{reference.ttft / ours.ttft:.2f}")
     if limit is not None:
-        lines.append(f"weights read per decode token {limit.weight_bytes / 1e6:.0f} MB; this "
-                     f"machine streams {limit.bytes_per_second / 1e9:.1f} GB/s (numpy GEMV): "
-                     f"{limit.seconds_per_token * 1e3:.1f} ms/token at best")
+        lines.append(f"this machine streams {limit.bytes_per_second / 1e9:.1f} GB/s (numpy "
+                     f"GEMV): {limit.seconds_per_token * 1e3:.1f} ms/token at best for the "
+                     f"{limit.weight_bytes / 1e6:.0f} MB the first folojax reads per token")
         for r in results:
-            if r.batch_size == 1:
-                rate = limit.weight_bytes / r.tpot
+            if r.batch_size == 1 and r.weight_bytes is not None:
+                rate = r.weight_bytes / r.tpot
                 lines.append(f"{r.name}: {rate / 1e9:.1f} GB/s achieved, "
                              f"x{rate / limit.bytes_per_second:.2f} of the streaming limit")
     return "\n".join(lines)

@@ -65,7 +65,8 @@ def throughput_workload(vocab_size: int, num_requests: int, min_prompt: int, max
     return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
 
 
-def folojax_runner(llm: LLM, prompts, max_tokens: int) -> Callable[[], ThroughputResult]:
+def folojax_runner(llm: LLM, prompts, max_tokens: int, name: str = "folojax"
+                   ) -> Callable[[], ThroughputResult]:
     """Runs the workload once to compile; returns a function that times one run."""
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
@@ -86,7 +87,7 @@ def folojax_runner(llm: LLM, prompts, max_tokens: int) -> Callable[[], Throughpu
     def run() -> ThroughputResult:
         outputs, seconds = generate()
         return ThroughputResult(
-            "folojax", seconds, len(prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
+            name, seconds, len(prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
             sum(map(len, prompts)), num_compiles=compiles,
             compile_seconds=max(warmup_seconds - seconds, 0.0))
 
@@ -236,23 +237,35 @@ def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: in
 def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
                          max_num_seqs: int = 256, max_num_batched_tokens: int = 1024,
-                         prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1):
+                         prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1,
+                         quantizations: tuple[str, ...] = ("auto",)):
+    """The workload through LLM once per choice of `quantizations` (load_model's), and
+    (compare_hf) through transformers, in interleaved rounds; then the prefix-cache TTFT with
+    the first choice."""
     from folojax.weights.loader import resolve_dtype
+    from folojax.weights.quantized import check_quantization
 
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    for quantization in quantizations:
+        check_quantization(quantization)
 
     max_model_len = max(max_prompt, prefix_len + 24) + max_tokens
 
-    def make_llm(**kwargs):
+    def make_llm(quantization: str = quantizations[0], **kwargs):
         return LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
                    max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, **kwargs)
+                   max_num_batched_tokens=max_num_batched_tokens, quantization=quantization,
+                   **kwargs)
 
-    llm = make_llm()
-    vocab_size = llm.model.config.vocab_size
-    prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
-    runners, stop = [folojax_runner(llm, prompts, max_tokens)], None
+    runners, stop, prompts = [], None, None
+    for quantization in quantizations:
+        llm = make_llm(quantization)
+        vocab_size = llm.model.config.vocab_size
+        if prompts is None:
+            prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
+        name = "folojax" if len(quantizations) == 1 else f"folojax [{quantization}]"
+        runners.append(folojax_runner(llm, prompts, max_tokens, name))
     if compare_hf:
         hf_runners, stop = transformers_runners(model_path, np.dtype(resolve_dtype(dtype)).name,
                                                 prompts, max_tokens)
@@ -262,7 +275,7 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
     finally:
         if stop is not None:
             stop()
-    del llm, runners
+    del llm, runners  # every LLM: the runners held the others
     prefix = bench_prefix_ttft(make_llm, vocab_size, prefix_len) if prefix_len else None
     return results, prefix
 
@@ -276,13 +289,18 @@ def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | No
         rounds = " ".join(f"{seconds:.2f}" for seconds in r.run_seconds)
         lines.append(f"{r.name:<20}{r.seconds:>9.2f}{r.output_tokens_per_second:>14.1f}"
                      f"{compile_s:>11}{compiles:>10}  {rounds}")
-    if len(results) > 1:
-        ours, references = results[0], results[1:]
+    ours = [r for r in results if r.name.startswith("folojax")]
+    references = [r for r in results if not r.name.startswith("folojax")]
+    comparisons = []
+    if references:
         best = max(references, key=lambda r: r.output_tokens_per_second)
-        per_round = " ".join(f"x{theirs / mine:.2f}" for mine, theirs in zip(
-            ours.run_seconds, best.run_seconds, strict=True))
-        lines.append(f"folojax / best transformers path ({best.name}): output tok/s x"
-                     f"{ours.output_tokens_per_second / best.output_tokens_per_second:.2f} "
+        comparisons = [(mine, best, f"best transformers path ({best.name})") for mine in ours]
+    comparisons += [(mine, ours[0], ours[0].name) for mine in ours[1:]]
+    for mine, theirs, label in comparisons:
+        per_round = " ".join(f"x{their_seconds / my_seconds:.2f}" for my_seconds, their_seconds
+                             in zip(mine.run_seconds, theirs.run_seconds, strict=True))
+        lines.append(f"{mine.name} / {label}: output tok/s x"
+                     f"{mine.output_tokens_per_second / theirs.output_tokens_per_second:.2f} "
                      f"(medians; per round: {per_round})")
     if prefix is not None:
         lines.append(f"shared {prefix.prefix_len}-token prefix, median TTFT of "

@@ -16,6 +16,24 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"--dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
 
 
+def _quantizations(value: str) -> tuple[str, ...]:
+    """--quantization's comma-separated choices, checked (bench runs each; the others take one)."""
+    from folojax.weights.quantized import QUANTIZATIONS
+
+    choices = tuple(value.split(","))
+    for choice in choices:
+        if choice not in QUANTIZATIONS:
+            raise ValueError(f"--quantization {choice!r} is not supported; use "
+                             f"{', '.join(QUANTIZATIONS)}")
+    return choices
+
+
+def _one_quantization(value: str) -> str:
+    if "," in value:
+        raise ValueError(f"--quantization takes one choice here, got {value!r}")
+    return _quantizations(value)[0]
+
+
 def _check_generate(args):
     """The sampling parameters, checked before the model loads."""
     from folojax.sampling_params import SamplingParams
@@ -23,6 +41,7 @@ def _check_generate(args):
     if not args.prompt:
         raise ValueError("--prompt is empty: give the text to complete")
     _check_dtype(args.dtype)
+    _one_quantization(args.quantization)
     if args.max_model_len is not None and args.max_model_len <= 0:
         raise ValueError(f"--max-model-len must be positive, got {args.max_model_len}")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -33,7 +52,8 @@ def _generate(args) -> int:
     from folojax.engine.llm import LLM
 
     sampling = _check_generate(args)
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+              quantization=args.quantization)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], sampling, use_tqdm=False)
     else:
@@ -53,6 +73,7 @@ def _check_serve(args) -> str | None:
     import os
 
     _check_dtype(args.dtype)
+    _one_quantization(args.quantization)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -86,7 +107,8 @@ def _serve(args) -> int:
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
-              warmup=args.warmup, padded_steps_before_compile=1)
+              warmup=args.warmup, padded_steps_before_compile=1,
+              quantization=args.quantization)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)
@@ -95,6 +117,9 @@ def _serve(args) -> int:
 
 def _check_bench(args) -> None:
     _check_dtype(args.dtype)
+    _quantizations(args.quantization)
+    if args.first_call and args.quantization != "auto":
+        raise ValueError("bench --first-call times LLM's defaults: it takes no --quantization")
     for name in ("batch_size", "prompt_len", "max_tokens", "repeats", "num_requests",
                  "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, name)
@@ -174,9 +199,11 @@ def _bench(args) -> int:
     from folojax.bench import format_results, run_bench
 
     results, limit = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
-                               args.max_tokens, args.repeats, args.compare_hf)
+                               args.max_tokens, args.repeats, args.compare_hf,
+                               _quantizations(args.quantization), args.compare_llama_cpp)
     print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
-          f"batch={args.batch_size} prompt_len={args.prompt_len} max_tokens={args.max_tokens}")
+          f"quantization={args.quantization} batch={args.batch_size} "
+          f"prompt_len={args.prompt_len} max_tokens={args.max_tokens}")
     print(format_results(results, limit))
     return 0
 
@@ -190,8 +217,9 @@ def _bench_throughput(args) -> int:
     results, prefix = run_throughput_bench(
         args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
         args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
-        args.compare_hf, args.repeats)
-    print(f"model={args.model} dtype={args.dtype} requests={args.num_requests} "
+        args.compare_hf, args.repeats, _quantizations(args.quantization))
+    print(f"model={args.model} dtype={args.dtype} quantization={args.quantization} "
+          f"requests={args.num_requests} "
           f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
           f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
           f"rounds={args.repeats}")
@@ -227,6 +255,14 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
                          help="HF directory, .gguf file or hub id; none: the embedded SmolLM2")
     command.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
                          "CPU), float32, bfloat16 or float16")
+    _add_quantization_argument(command)
+
+
+def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--quantization", default="auto",
+                         help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors stay quantized), none "
+                              "(dequantized to --dtype) or int8 (per output channel, at load "
+                              "time); bench takes several, comma-separated, run in turn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="model_option", default=None, help="the same, as an option")
     serve.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on "
                        "CPU), float32, bfloat16 or float16")
+    _add_quantization_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
@@ -289,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the engines take turns")
     bench.add_argument("--compare-hf", action="store_true",
                        help="also run transformers+torch on the same workload")
+    bench.add_argument("--compare-llama-cpp", action="store_true",
+                       help="also run llama.cpp (llama-cpp-python, an optional extra) on the "
+                            "same GGUF file, at batch 1")
     bench.add_argument("--throughput", action="store_true",
                        help="many mixed-length requests through the engine (uses the options "
                             "below, --max-tokens and --compare-hf)")

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import folojax
+from folojax.bench import run_bench
 from folojax.cli import main
 
 
@@ -29,6 +30,20 @@ def test_bench_reports_both_engines(tiny_qwen3, capsys):
     assert "folojax " in out and "folojax LLM " in out and "transformers " in out
     assert "folojax LLM / transformers: decode tok/s x" in out
     assert "GB/s (numpy GEMV)" in out and "of the streaming limit" in out
+
+
+def test_bench_times_each_quantization_in_turn(tiny_qwen3, capsys):
+    results, _ = run_bench(tiny_qwen3.path, "float32", prompt_len=16, max_tokens=4, repeats=1,
+                           quantizations=("none", "int8"))
+    assert [r.name for r in results] == ["folojax [none]", "folojax LLM [none]",
+                                         "folojax [int8]", "folojax LLM [int8]"]
+    assert results[2].weight_bytes < 0.5 * results[0].weight_bytes  # int8 codes, not float32
+    assert main(["bench", "--model", tiny_qwen3.path, "--prompt-len", "16", "--max-tokens", "4",
+                 "--repeats", "1", "--dtype", "float32", "--quantization", "none,int8"]) == 0
+    out = capsys.readouterr().out
+    assert "quantization=none,int8" in out and "folojax LLM [int8]:" in out
+    with pytest.raises(ValueError, match="needs a .gguf file"):
+        run_bench(tiny_qwen3.path, "float32", compare_llama_cpp=True)
 
 
 def test_bad_argument_exits_with_a_clear_error(capsys):
@@ -81,6 +96,14 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
     (["serve", "--api-key", ""], "the API key is empty: give --api-key a value"),
     (["serve", "--dtype", "int4"], "--dtype 'int4' is not supported"),
+    (["generate", "--prompt", "hi", "--quantization", "int4"],
+     "--quantization 'int4' is not supported; use auto, none, int8"),
+    (["generate", "--prompt", "hi", "--quantization", "none,int8"],
+     "--quantization takes one choice here"),
+    (["serve", "--quantization", "gptq"], "--quantization 'gptq' is not supported"),
+    (["bench", "--quantization", "none,fp8"], "--quantization 'fp8' is not supported"),
+    (["bench", "--first-call", "--model", "m", "--quantization", "int8"],
+     "--first-call times LLM's defaults"),
     (["bench", "serve", "--base-url", "http://127.0.0.1:9/v1"],
      "cannot list the models at http://127.0.0.1:9/v1"),
 ])
