@@ -1,4 +1,4 @@
-"""The `folojax` command: generate, serve, bench, init-random.
+"""The `folojax` command: generate, serve, bench, perplexity, init-random.
 
 Arguments are checked before anything loads, so a bad one fails at once. The command owns its
 process, so it tunes glibc's malloc first (folojax/host_malloc.py; FOLOJAX_TUNE_MALLOC=0 does
@@ -242,6 +242,23 @@ def _bench_first_call(args) -> int:
     return 0
 
 
+def _perplexity(args) -> int:
+    from folojax.perplexity import format_perplexity, run_perplexity
+
+    _check_dtype(args.dtype)
+    quantizations = _quantizations(args.quantization)
+    if args.context_len < 2:
+        raise ValueError(f"--context-len must be >= 2, got {args.context_len}")
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    results = run_perplexity(args.model, text, args.dtype, quantizations, args.context_len,
+                             args.compare_hf)
+    print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
+          f"text={args.text} ({len(text)} characters) context_len={args.context_len}")
+    print(format_perplexity(results))
+    return 0
+
+
 def _init_random(args) -> int:
     from folojax.weights.random_checkpoint import write_random_checkpoint
 
@@ -262,7 +279,8 @@ def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantization", default="auto",
                          help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors stay quantized), none "
                               "(dequantized to --dtype) or int8 (per output channel, at load "
-                              "time); bench takes several, comma-separated, run in turn")
+                              "time); bench and perplexity take several, comma-separated, run "
+                              "in turn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, help="serve: run concurrency 1, 2, 4, ... up to "
                        "--concurrency and draw latency against load to this .png (matplotlib)")
     bench.set_defaults(func=_bench)
+
+    perplexity = commands.add_parser("perplexity", help="a model's perplexity on a text",
+                                     **defaults)
+    _add_model_arguments(perplexity)
+    perplexity.add_argument("--text", required=True,
+                            help="a UTF-8 text file (docs/BENCHMARKS.md names the held-out text)")
+    perplexity.add_argument("--context-len", type=int, default=1024,
+                            help="tokens per window: each window is scored afresh")
+    perplexity.add_argument("--compare-hf", action="store_true",
+                            help="also score the same windows with transformers+torch")
+    perplexity.set_defaults(func=_perplexity)
 
     init = commands.add_parser("init-random", help="write a random-weight HF checkpoint",
                                **defaults)

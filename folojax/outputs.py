@@ -44,3 +44,6 @@ class RequestOutput:
     finished: bool = True
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token
+    # {token id: logprob} of it and the top-N (None when not asked)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -25,6 +25,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # also return the top-N logprobs of each step
+    # also return, for each prompt token after the first, its logprob and the top-N (vLLM's)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -64,8 +66,9 @@ class SamplingParams:
                   "in [-2, 2]")
         check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
               "repetition_penalty", "> 0")
-        check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-              "logprobs", "None or an int >= 0")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, field)
+            check(value is None or (_is_int(value) and value >= 0), field, "None or an int >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from folojax.config import SchedulerConfig
-from folojax.engine.request import Request, read_sampled
+from folojax.engine.request import Request, read_prompt_logprobs, read_sampled
 from folojax.engine.scheduler import Scheduler
 from folojax.runner.model_runner import ModelRunner, StepResult
 
@@ -76,5 +76,7 @@ class EngineCore:
                            read_sampled(step.tokens, step.logprobs,
                                         [r.sampling.logprobs for r in requests]),
                            strict=True))
+        if step.prompt_logprobs is not None:
+            read_prompt_logprobs(step.batch.prompt_logprob_entries, step.prompt_logprobs)
         self.scheduler.update(step.output, sampled, self.make_children)
         return requests

@@ -44,6 +44,9 @@ class GenerateResult:
     logprobs: list[list[dict[int, float]] | None]  # per row: per step {token id: logprob}
     metrics: list[RequestMetrics]
     cache: PagedKVCache
+    # per row, with SamplingParams.prompt_logprobs: None for the first prompt token, then per
+    # prompt token {token id: logprob} of it and the top-N (as RequestOutput.prompt_logprobs)
+    prompt_logprobs: list[list[dict[int, float] | None] | None] | None = None
 
 
 def _check_rows_cache(cache) -> None:
@@ -161,6 +164,7 @@ def generate(params, cache: PagedKVCache, key: jax.Array, prompt_token_ids, *,
         logprobs=[r.logprobs for r in requests],
         metrics=[r.metrics() for r in requests],
         cache=cache,
+        prompt_logprobs=[r.prompt_logprobs for r in requests],
     )
 
 

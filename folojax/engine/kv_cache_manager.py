@@ -32,8 +32,10 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest run of cached blocks matching the request's tokens, and how many tokens
-        they hold. At least one token is always left to compute: its logits are needed."""
-        if not self.enable_prefix_caching or request.num_computed_tokens > 0:
+        they hold. At least one token is always left to compute: its logits are needed. A request
+        that asks for prompt logprobs computes its whole prompt (each token's logits are needed)."""
+        if (not self.enable_prefix_caching or request.num_computed_tokens > 0
+                or request.sampling.prompt_logprobs is not None):
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks = []

@@ -179,4 +179,5 @@ class LLMEngine:
         return RequestOutput(request_id=group_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=completions,
                              finished=finished, metrics=first.metrics(),
-                             num_cached_tokens=first.num_cached_tokens or 0)
+                             num_cached_tokens=first.num_cached_tokens or 0,
+                             prompt_logprobs=first.prompt_logprobs)

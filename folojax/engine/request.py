@@ -71,6 +71,10 @@ class Request:
         # The output.
         self.logprobs: list[dict[int, float]] | None = [] if sampling.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if sampling.logprobs is not None else None
+        # Per prompt token: None for the first, then {its id: logprob, and the top-N}; filled
+        # as the prompt's chunks are computed.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * len(prompt_token_ids) if sampling.prompt_logprobs is not None else None)
         self.text = ""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -201,8 +205,24 @@ def read_sampled(tokens, logprobs, num_logprobs: list[int | None]) -> list[tuple
     for row, n in enumerate(num_logprobs):
         step_logprobs = None
         if n is not None:
-            step_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(),
-                                     strict=True))
-            step_logprobs[int(tokens[row])] = float(chosen[row])
+            step_logprobs = _logprobs_dict(int(tokens[row]), chosen[row], top_ids[row, :n],
+                                           top_values[row, :n])
         rows.append((int(tokens[row]), step_logprobs))
     return rows
+
+
+def read_prompt_logprobs(entries: list[tuple[Request, int]], prompt_logprobs) -> None:
+    """Stores one step's prompt logprobs (entries[j] = (request, index of the prompt token that
+    entry j scores), in the step's order) into each request's prompt_logprobs."""
+    chosen, top_ids, top_values = (np.asarray(a) for a in prompt_logprobs)
+    for j, (request, index) in enumerate(entries):
+        n = request.sampling.prompt_logprobs
+        request.prompt_logprobs[index] = _logprobs_dict(
+            request.prompt_token_ids[index], chosen[j], top_ids[j, :n], top_values[j, :n])
+
+
+def _logprobs_dict(token_id: int, logprob, top_ids, top_logprobs) -> dict[int, float]:
+    """{token id: logprob} of the top ones and of the token itself."""
+    logprobs = dict(zip(top_ids.tolist(), top_logprobs.tolist(), strict=True))
+    logprobs[token_id] = float(logprob)
+    return logprobs

@@ -40,7 +40,8 @@ def validate_request(prompt, sampling, *, vocab_size: int, room: int, has_tokeni
         raise TypeError(f"expected SamplingParams, got {type(sampling).__name__}")
     if sampling.stop and not has_tokenizer:
         raise ValueError("stop strings need a tokenizer (none was loaded or given)")
-    if sampling.logprobs is not None and sampling.logprobs > max_logprobs:
-        raise ValueError(f"SamplingParams.logprobs={sampling.logprobs} exceeds max_logprobs="
-                         f"{max_logprobs}")
+    for field in ("logprobs", "prompt_logprobs"):
+        value = getattr(sampling, field)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"SamplingParams.{field}={value} exceeds max_logprobs={max_logprobs}")
     validate_prompt(prompt, vocab_size, room, where)

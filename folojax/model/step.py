@@ -14,14 +14,15 @@ from folojax.config import ModelConfig
 from folojax.model.decoder import count_compile, decoder_layers, lm_head
 from folojax.ops.paged_attention import ChunkSizes, paged_attention
 from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
-from folojax.ops.sampling import SamplerFlags, SamplerState, sample
+from folojax.ops.sampling import SamplerFlags, SamplerState, sample, token_logprobs
 from folojax.ops.step_inputs import SamplerInputs, StepInputs
 
 
 def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs,
                  chunks: ChunkSizes):
-    """Final hidden states [sampling rows, hidden] of the tokens that get logits
-    (inputs.sample_indices), and the cache with every token's keys and values written."""
+    """Final hidden states [sampling rows + prompt-logprob entries, hidden] of the tokens that
+    get logits (inputs.sample_indices, then inputs.prompt_logprob_indices), and the cache with
+    every token's keys and values written."""
     num_rows = inputs.num_decode_rows
 
     def attend(layer_index, q, k, v, cache):
@@ -42,9 +43,9 @@ def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepI
         out = jnp.concatenate([decode, prefill])
         return out[None], cache
 
+    keep = jnp.concatenate([inputs.sample_indices, inputs.prompt_logprob_indices])
     hidden, cache = decoder_layers(params, config, inputs.token_ids[None],
-                                   inputs.positions[None], attend, cache,
-                                   keep=inputs.sample_indices[None])
+                                   inputs.positions[None], attend, cache, keep=keep[None])
     return hidden[0], cache
 
 
@@ -83,7 +84,9 @@ def _with_in_flight_tokens(inputs: StepInputs, previous_tokens) -> StepInputs:
                    donate_argnames=("cache",))
 def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: SamplerInputs,
                previous_tokens, config: ModelConfig, flags: SamplerFlags, chunks: ChunkSizes):
-    """Returns (tokens [max rows], logprobs or None, new cache). Donates `cache`.
+    """Returns (tokens [max rows], logprobs or None, prompt logprobs or None, new cache).
+    Donates `cache`. Prompt logprobs, when flags ask: (each entry's target logprob, top ids,
+    top logprobs), as sample's logprobs are for the sampled tokens.
 
     previous_tokens [max rows]: the tokens of the step before, which may still be in flight (as
     this step returns its own: sampling rows first, padded to a fixed width, so the shape never
@@ -93,12 +96,17 @@ def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: Sampler
     hidden, cache = paged_hidden(params, config, cache,
                                  _with_in_flight_tokens(inputs, previous_tokens), chunks)
     logits = lm_head(params, hidden)
+    num_rows = inputs.sample_indices.shape[0]
+    prompt_logprobs = None
+    if flags.num_prompt_logprobs is not None:
+        prompt_logprobs = token_logprobs(jax.nn.log_softmax(logits[num_rows:], axis=-1),
+                                         inputs.prompt_logprob_targets, flags.num_prompt_logprobs)
     tensors = dataclasses.replace(sampler.tensors,
                                   keys=jax.random.wrap_key_data(sampler.tensors.keys))
     state = _sampler_state(sampler, previous_tokens, config.vocab_size, flags)
-    tokens, logprobs, _ = sample(logits, tensors, state, flags)
+    tokens, logprobs, _ = sample(logits[:num_rows], tensors, state, flags)
     tokens = jnp.zeros_like(previous_tokens).at[:tokens.shape[0]].set(tokens)
-    return tokens, logprobs, cache
+    return tokens, logprobs, prompt_logprobs, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunks"), donate_argnames=("cache",))
@@ -107,4 +115,4 @@ def paged_logits(params, cache: PagedKVCache, inputs: StepInputs, config: ModelC
     """Returns (logits [sampling rows, vocab] float32, new cache). Donates `cache`."""
     count_compile("paged_logits")
     hidden, cache = paged_hidden(params, config, cache, inputs, chunks)
-    return lm_head(params, hidden), cache
+    return lm_head(params, hidden[:inputs.sample_indices.shape[0]]), cache

@@ -51,6 +51,8 @@ class SamplerFlags:
     use_penalties: bool = False
     use_min_tokens: bool = False
     num_logprobs: int | None = None  # top-N logprobs to return; None = none
+    # top-N logprobs of each prompt token's distribution (StepInputs.prompt_logprob_indices)
+    num_prompt_logprobs: int | None = None
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -109,6 +111,14 @@ def apply_min_p(logits, min_p):
     return jnp.where(keep, logits, _NEG_INF)
 
 
+def token_logprobs(raw: jax.Array, tokens: jax.Array, num: int) -> tuple:
+    """(tokens' logprobs [batch], top ids [batch, num], top logprobs [batch, num]) from
+    log-softmaxed logits [batch, vocab]."""
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(raw, max(num, 1))
+    return chosen, top_ids[:, :num], top_values[:, :num]
+
+
 def sample(logits, params: SamplingTensors, state: SamplerState, flags: SamplerFlags):
     """Picks one token per row from logits [batch, vocab] (float32).
 
@@ -138,10 +148,7 @@ def sample(logits, params: SamplingTensors, state: SamplerState, flags: SamplerF
         sampled = argmax(scaled + gumbel)
         tokens = jnp.where(params.temperature > 0, sampled, tokens)
     if flags.num_logprobs is not None:
-        chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
-        top_values, top_ids = jax.lax.top_k(raw, max(flags.num_logprobs, 1))
-        top_values, top_ids = top_values[:, :flags.num_logprobs], top_ids[:, :flags.num_logprobs]
-        logprobs = (chosen, top_ids, top_values)
+        logprobs = token_logprobs(raw, tokens, flags.num_logprobs)
     counts = state.output_counts
     if flags.use_penalties:
         counts = counts.at[jnp.arange(batch), tokens].add(1)

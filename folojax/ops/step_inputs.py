@@ -37,6 +37,11 @@ class StepInputs:
     token_tile_indices: np.ndarray  # [prefill tokens]: where each sits in the flattened tiles
     prefill_items: WorkItems  # attention work items of the prefill tiles
     sample_indices: np.ndarray  # [sampling rows]: flat token whose logits each row samples from
+    # Prompt logprobs (SamplingParams.prompt_logprobs), [entries] each, empty when no request
+    # asks: the flat token whose logits give an entry, and the prompt token it scores (the
+    # next one). Padding entries score token 0 of token 0.
+    prompt_logprob_indices: np.ndarray
+    prompt_logprob_targets: np.ndarray
 
     @property
     def num_decode_rows(self) -> int:

@@ -47,6 +47,7 @@ class StepResult:
     batch: StepBatch
     tokens: jax.Array  # [max sampling rows]: sampling rows first
     logprobs: tuple | None
+    prompt_logprobs: tuple | None = None  # per batch.prompt_logprob_entries (see paged_step)
 
     def in_flight_rows(self) -> dict[str, int]:
         """Request id -> its sampling row in this step."""
@@ -194,10 +195,10 @@ class ModelRunner:
         previous_tokens = previous.tokens if previous is not None else self._no_tokens
         batch = self._compiled_shape(self.prepare(output, block_tables, previous), output,
                                      block_tables, previous, previous_tokens)
-        tokens, logprobs, self.cache = paged_step(self.params, self.cache, batch.inputs,
-                                                  batch.sampler, previous_tokens, self.config,
-                                                  batch.flags, self.chunks)
-        return StepResult(output, batch, tokens, logprobs)
+        tokens, logprobs, prompt_logprobs, self.cache = paged_step(
+            self.params, self.cache, batch.inputs, batch.sampler, previous_tokens, self.config,
+            batch.flags, self.chunks)
+        return StepResult(output, batch, tokens, logprobs, prompt_logprobs)
 
     def logits(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> jax.Array:
         """Writes the scheduled tokens' keys and values; returns the logits [sampling rows,

@@ -21,7 +21,7 @@ from folojax.ops.paged_attention import ChunkSizes, WorkItems, chunk_blocks
 from folojax.ops.sampling import SamplerFlags
 from folojax.ops.step_inputs import PREFILL_TILE, SamplerInputs, StepInputs
 from folojax.runner.buckets import bucket, stepped_bucket
-from folojax.runner.sampling_inputs import build_sampler
+from folojax.runner.sampling_inputs import build_sampler, logprobs_bucket
 
 if TYPE_CHECKING:
     from folojax.engine.request import Request
@@ -42,6 +42,8 @@ class StepBatch:
     sampler: SamplerInputs
     flags: SamplerFlags
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
+    # Prompt-logprob entry j: (request, index of the prompt token it scores); see StepInputs.
+    prompt_logprob_entries: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -118,6 +120,7 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     slot_mapping = np.full(num_tokens, num_slots, np.int32)
     token_sources = np.full(num_tokens, -1, np.int32)
     sample_index: dict[int, int] = {}  # id(scheduled item) -> flat token it samples from
+    prompt_logprobs: list[tuple[int, int, Request, int]] = []  # flat token, target, request, i
 
     def place(start: int, item: ScheduledRequest) -> None:
         request, n, begin = item.request, item.num_new_tokens, item.start
@@ -132,6 +135,14 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
                                          * block_size + positions[start:start + n] % block_size)
         if item.samples:
             sample_index[id(item)] = start + n - 1
+        if request.sampling.prompt_logprobs is not None:
+            # Position q's logits score the token at q + 1: prompt tokens 1.. are scored from
+            # the positions before them.
+            first = request.num_prefix_tokens
+            last = first + request.num_prompt_tokens - 1  # the last prompt token scores none
+            for q in range(max(begin, first), min(begin + n, last)):
+                prompt_logprobs.append((start + q - begin, request.all_token_ids[q + 1], request,
+                                        q + 1 - first))
 
     for row, item in enumerate(decodes):
         place(row, item)
@@ -172,10 +183,23 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
                                  chunks.prefill_items,
                                  chunks.work_items_bucket(chunks.prefill_items),
                                  min_items=floor.prefill_items),
-        sample_indices=indices)
+        sample_indices=indices,
+        prompt_logprob_indices=_padded_column([e[0] for e in prompt_logprobs]),
+        prompt_logprob_targets=_padded_column([e[1] for e in prompt_logprobs]))
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
                                    eos_token_ids, in_flight_rows)
-    return StepBatch(inputs, sampler, flags, sampling_requests)
+    if prompt_logprobs:
+        flags = dataclasses.replace(flags, num_prompt_logprobs=logprobs_bucket(
+            max(entry[2].sampling.prompt_logprobs for entry in prompt_logprobs)))
+    return StepBatch(inputs, sampler, flags, sampling_requests,
+                     [(request, index) for _, _, request, index in prompt_logprobs])
+
+
+def _padded_column(values: list[int]) -> np.ndarray:
+    """int32 values padded with zeros to a prefill-token bucket (none: empty)."""
+    column = np.zeros(prefill_token_bucket(len(values)) if values else 0, np.int32)
+    column[:len(values)] = values
+    return column
 
 
 def work_items(tables: list[list[int]], last_positions: np.ndarray, block_size: int,

@@ -100,3 +100,13 @@ def test_the_embedded_gguf_stays_quantized_and_equals_its_dequantized_logits(smo
     ours = np.asarray(folojax.forward(params, smollm2.model.config, ids))
     reference = np.asarray(folojax.forward(dequantized.params, dequantized.config, ids))
     assert np.abs(ours - reference).max() <= 2e-5 * np.abs(reference).max()
+
+
+def test_perplexity_on_the_embedded_gguf_equals_transformers():
+    from folojax.perplexity import run_perplexity
+
+    text = " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 8)
+    ours, reference = run_perplexity(None, text, context_len=64, compare_hf=True)
+    assert ours.num_scored_tokens == reference.num_scored_tokens > 100
+    assert 1 < ours.perplexity < 50  # a repeated sentence is easy to predict
+    assert ours.perplexity == pytest.approx(reference.perplexity, rel=1e-4)

@@ -2,6 +2,8 @@
 logprobs, penalties over a whole generation, max_tokens=None, bf16 on CPU, aborts that return
 every block, and stop strings that span tokens."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -41,6 +43,60 @@ def test_logprobs_and_top_n_equal_torch_log_softmax(tiny_qwen3):
             assert value == pytest.approx(reference[token_id], abs=1e-4)
         total += reference[token]
     assert completion.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def assert_prompt_logprobs_equal_torch(prompt_logprobs, tiny, prompt: list[int], top_n: int):
+    with torch.no_grad():
+        logits = tiny.torch_model(torch.tensor([prompt])).logits[0]
+    reference = torch.log_softmax(logits.double(), -1).numpy()  # row q scores token q + 1
+    assert len(prompt_logprobs) == len(prompt) and prompt_logprobs[0] is None
+    for index in range(1, len(prompt)):
+        row = reference[index - 1]
+        entry = prompt_logprobs[index]
+        assert set(entry) == set(np.argsort(-row)[:top_n].tolist()) | {prompt[index]}, index
+        for token_id, value in entry.items():
+            assert value == pytest.approx(row[token_id], abs=1e-4)
+
+
+def test_prompt_logprobs_equal_torch_log_softmax_across_chunks_and_cache_hits(tiny_qwen3):
+    """A 150-token prompt in chunks of 64; asked again, its blocks are in the prefix cache, yet
+    every prompt token is scored again; n=2 scores the prompt once."""
+    prompt = random_ids(150, seed=4)
+    llm = make_llm(tiny_qwen3, max_num_batched_tokens=64)
+    for n in (1, 2):
+        sampling = folojax.SamplingParams(max_tokens=2, prompt_logprobs=3, n=n, seed=1)
+        [output] = llm.generate({"prompt_token_ids": prompt}, sampling, use_tqdm=False)
+        assert len(output.outputs) == n and output.num_cached_tokens == 0
+        assert_prompt_logprobs_equal_torch(output.prompt_logprobs, tiny_qwen3, prompt, 3)
+    [plain] = llm.generate({"prompt_token_ids": prompt}, folojax.SamplingParams(max_tokens=2),
+                           use_tqdm=False)
+    assert plain.prompt_logprobs is None and plain.num_cached_tokens == 144  # 9 full blocks
+
+
+def test_prompt_logprobs_zero_and_the_functional_generate(tiny_qwen3):
+    prompt = random_ids(20, seed=6)
+    sampling = folojax.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    [output] = make_llm(tiny_qwen3).generate({"prompt_token_ids": prompt}, sampling,
+                                             use_tqdm=False)
+    assert_prompt_logprobs_equal_torch(output.prompt_logprobs, tiny_qwen3, prompt, 0)
+    model = tiny_qwen3.model
+    cache = folojax.init_cache(model.config, 2, 64, model.dtype)
+    result = folojax.generate(model.params, cache, jax.random.key(0), [prompt, prompt[:5]],
+                              config=model.config, sampling=sampling)
+    assert result.prompt_logprobs[0] == output.prompt_logprobs
+    assert_prompt_logprobs_equal_torch(result.prompt_logprobs[1], tiny_qwen3, prompt[:5], 0)
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "SamplingParams.prompt_logprobs must be None or an int >= 0, got -1"),
+    (21, "SamplingParams.prompt_logprobs=21 exceeds max_logprobs=20")])
+def test_bad_prompt_logprobs_are_rejected_by_name(tiny_qwen3, value, message):
+    llm = make_llm(tiny_qwen3)
+    with pytest.raises(ValueError, match=message):
+        llm.generate({"prompt_token_ids": [1, 2]},
+                     folojax.SamplingParams(prompt_logprobs=value), use_tqdm=False)
+    assert llm.generate({"prompt_token_ids": [1, 2]}, folojax.SamplingParams(max_tokens=1),
+                        use_tqdm=False)[0].outputs[0].token_ids  # still usable
 
 
 def numpy_penalized_greedy(tiny, prompt, num_tokens, repetition, presence, frequency):
@@ -104,10 +160,10 @@ def test_max_tokens_none_stops_at_max_model_len(tiny_qwen3):
 def test_bf16_on_cpu_stays_within_tolerance_of_torch_bf16(tiny_qwen3):
     model = folojax.load_model(tiny_qwen3.path, dtype="bfloat16", load_tokenizer=False)
     ids = random_ids(30, seed=8, batch=2)
+    # A copy: the shared fixture's float32 weights must not go through bfloat16 and back.
+    torch_bf16 = copy.deepcopy(tiny_qwen3.torch_model).to(torch.bfloat16)
     with torch.no_grad():
-        reference = tiny_qwen3.torch_model.to(torch.bfloat16)(torch.tensor(ids)).logits.float()
-    tiny_qwen3.torch_model.to(torch.float32)
-    reference = reference.numpy()
+        reference = torch_bf16(torch.tensor(ids)).logits.float().numpy()
     scale = np.abs(reference).max()
     ours = np.asarray(folojax.forward(model.params, model.config, ids), np.float32)
     assert np.abs(ours - reference).max() <= BF16_RELATIVE_TOLERANCE * scale
