@@ -1,18 +1,22 @@
 """Decode's and prefill's matmuls on CPU: XLA's dot over Hugging Face's [out, in] weights against
-the C++ kernel over the same weights repacked into panels (folojax/ops/csrc/panel_matmul.cc),
-for 1 to 1,024 rows, over SmolLM2-135M's fp32 weight shapes (30 layers of fused q/k/v, o, fused
-gate/up and down, then the 49,152-row head): the rate each streams the weights at.
+the C++ kernels over the same weights repacked into panels: float32
+(folojax/ops/csrc/panel_matmul.cc) and quantized (folojax/ops/csrc/quant_matmul.cc: int8 per
+output channel, and 4 bits with an offset per block of 32, GGUF's Q4_1), for 1 to 1,024 rows,
+over SmolLM2-135M's weight shapes (30 layers of fused q/k/v, o, fused gate/up and down, then the
+49,152-row head): the rate each streams its weights at.
 
-    python examples/matmul_microbench.py
+    python examples/matmul_microbench.py [ROWS ...]
 """
 
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from folojax.ops import cpu_kernels, cpu_matmul
+from folojax.ops import cpu_kernels, cpu_matmul, quant_matmul
+from folojax.weights.quantized import QuantizedTensor, quantize_int8_per_channel
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -30,6 +34,23 @@ def best_seconds(matmul, weights, rows: int, repeats: int = 5) -> float:
     return min(times)
 
 
+def four_bits_with_offsets(weight: np.ndarray, block: int = 32) -> QuantizedTensor:
+    """Round-to-nearest 4 bits per block of 32 inputs with a scale and a minimum (Q4_1's form)."""
+    out, inner = weight.shape
+    blocks = weight.reshape(out, inner // block, block)
+    low, high = blocks.min(-1), blocks.max(-1)
+    scales = ((high - low) / 15).astype(np.float16)
+    offsets = low.astype(np.float16)
+    steps = np.where(scales == 0, 1, scales).astype(np.float32)[..., None]
+    codes = np.clip(np.rint((blocks - offsets.astype(np.float32)[..., None]) / steps), 0, 15)
+    return QuantizedTensor(codes.astype(np.int8).reshape(out, inner), scales, offsets, 4)
+
+
+def packed(weight: QuantizedTensor) -> tuple:
+    return tuple(map(jnp.asarray, quant_matmul.pack_quantized(
+        weight.codes, weight.scales, weight.offsets, weight.bits)))
+
+
 def main() -> None:
     if not cpu_kernels.load():
         raise SystemExit("the C++ kernels did not build here")
@@ -37,14 +58,26 @@ def main() -> None:
     dense = [rng.standard_normal(shape, dtype=np.float32) for shape in SHAPES]
     weights = [jnp.asarray(w) for w in dense]
     panels = [jnp.asarray(cpu_matmul.pack_panels(w)) for w in dense]
+    formats = {"int8": [packed(quantize_int8_per_channel(w)) for w in dense],
+               "4-bit": [packed(four_bits_with_offsets(w)) for w in dense]}
     total = sum(w.nbytes for w in dense)
-    for rows in (1, 2, 4, 8, 16, 32, 48, 64, 256, 1024):
+
+    def quantized(x, weight, out):
+        return quant_matmul.quant_matmul(x, *weight, out)
+
+    for rows in [int(r) for r in sys.argv[1:]] or (1, 2, 4, 8, 16, 32, 48, 64, 256, 1024):
         xla = best_seconds(lambda x, w, out: x @ w.T, weights, rows)
         kernel = best_seconds(cpu_matmul.panel_matmul, panels, rows)
         flops = 2 * rows * total / 4
-        print(f"rows={rows:>4}: XLA {total / xla / 1e9:5.1f} GB/s {flops / xla / 1e9:4.0f} GF/s "
-              f"({xla * 1e3:6.1f} ms), kernel {total / kernel / 1e9:5.1f} GB/s "
-              f"{flops / kernel / 1e9:4.0f} GF/s ({kernel * 1e3:6.1f} ms)", flush=True)
+        line = (f"rows={rows:>4}: XLA {total / xla / 1e9:5.1f} GB/s {flops / xla / 1e9:4.0f} GF/s "
+                f"({xla * 1e3:6.1f} ms), kernel {total / kernel / 1e9:5.1f} GB/s "
+                f"{flops / kernel / 1e9:4.0f} GF/s ({kernel * 1e3:6.1f} ms)")
+        for name, quantized_weights in formats.items():
+            seconds = best_seconds(quantized, quantized_weights, rows)
+            size = sum(a.nbytes for weight in quantized_weights for a in weight)
+            line += (f", {name} {size / seconds / 1e9:5.1f} GB/s ({seconds * 1e3:6.1f} ms, "
+                     f"x{kernel / seconds:.2f} float32's)")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
