@@ -34,8 +34,8 @@ class LLM:
 
     Args:
       model: a Hugging Face model directory, a .gguf file, a hub id, None for the embedded
-        SmolLM2-135M-Instruct, or a folojax.Model already loaded (then dtype, tokenizer and
-        skip_tokenizer_init are its own).
+        SmolLM2-135M-Instruct, or a folojax.Model already loaded (then dtype, quantization,
+        tokenizer and skip_tokenizer_init are its own).
       dtype: "auto" (bfloat16 on an accelerator, float32 on CPU), "float32", "bfloat16", "float16".
       quantization: "auto" (a GGUF's Q4_0, Q4_1 and Q8_0 tensors stay quantized), "none"
         (everything dequantized to dtype), "int8" (linear weights quantized per output channel
