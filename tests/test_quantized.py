@@ -1,6 +1,8 @@
 """Quantized weights on the host (folojax/weights/quantized.py): GGUF blocks read exactly as the
 gguf package dequantizes them, per-channel int8, fused projections."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -57,9 +59,14 @@ def test_fused_rows_stay_quantized_when_every_part_is_and_groups_agree():
     fused = concatenate_rows([four, eight_grouped])
     assert isinstance(fused, QuantizedTensor) and fused.bits == 8 and fused.shape == (5, 64)
     np.testing.assert_array_equal(fused.dequantize()[:2], 15)
-    for mixed in ([four, eight], [four, np.ones((3, 64), np.float32)]):  # groups differ; a float
+    reordered = dataclasses.replace(four, input_order=np.arange(64)[::-1].copy())
+    assert isinstance(concatenate_rows([reordered, reordered]), QuantizedTensor)
+    zero_points = dataclasses.replace(four, zero_points=True)
+    # groups differ; a float; the inputs in another order; zero points beside offsets
+    for mixed in ([four, eight], [four, np.ones((3, 64), np.float32)], [four, reordered],
+                  [four, zero_points]):
         dense = concatenate_rows(mixed)
-        assert isinstance(dense, np.ndarray) and dense.shape == (5, 64)
+        assert isinstance(dense, np.ndarray) and dense.shape[1] == 64
         np.testing.assert_array_equal(dense[:2], 15)
 
 

@@ -40,8 +40,10 @@ def _(weight: PanelLinear, x: jax.Array) -> jax.Array:
 
 @apply_linear.register
 def _(weight: QuantLinear, x: jax.Array) -> jax.Array:
+    if weight.input_order is not None:
+        x = jnp.take(x, weight.input_order, axis=-1)
     y = quant_matmul.quant_matmul(x, weight.codes, weight.scales, weight.offsets,
-                                  weight.out_features)
+                                  weight.out_features, weight.zero_points)
     return y if weight.bias is None else y + weight.bias
 
 
@@ -51,8 +53,11 @@ def embedding_rows(table, token_ids: jax.Array, dtype) -> jax.Array:
     if isinstance(table, PanelLinear):
         return cpu_matmul.panel_rows(table.panels, token_ids).astype(dtype)
     if isinstance(table, QuantLinear):
+        if table.input_order is not None:
+            raise ValueError("an embedding whose inputs are reordered (GPTQ act-order) is not "
+                             "supported")
         return quant_matmul.quantized_rows(table.codes, table.scales, table.offsets, token_ids,
-                                           dtype)
+                                           dtype, table.zero_points)
     return table[token_ids].astype(dtype)
 
 

@@ -49,16 +49,21 @@ class PanelLinear:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["codes", "scales", "offsets", "bias"], meta_fields=["out_features"])
+                   data_fields=["codes", "scales", "offsets", "bias", "input_order"],
+                   meta_fields=["out_features", "zero_points"])
 @dataclasses.dataclass
 class QuantLinear:
-    """A Linear kept quantized, 4 or 8 bits with a scale and an offset per output and group of
-    inputs, in panels (the layout: folojax/ops/quant_matmul.py)."""
+    """A Linear kept quantized, 4 or 8 bits with a scale and an offset (or a zero point) per
+    output and group of inputs, in panels (the layout: folojax/ops/quant_matmul.py)."""
     codes: jax.Array  # [P, in, 64] int8 (8 bits) or [P, in, 32] uint8 (4 bits, two per byte)
     scales: jax.Array  # [P, G, 64] float16
-    offsets: jax.Array  # [P, G, 64] float16
+    offsets: jax.Array  # [P, G, 64] float16: offsets, or zero points if zero_points
     out_features: int
     bias: jax.Array | None = None  # [out]
+    # [in] int32: the codes' inputs in this order (GPTQ's act-order groups inputs out of order);
+    # x is gathered into it before the matmul. None: in order.
+    input_order: jax.Array | None = None
+    zero_points: bool = False
 
     @property
     def bits(self) -> int:
@@ -66,8 +71,12 @@ class QuantLinear:
 
     def dense_weight(self) -> jax.Array:
         """[out, in] float32, Hugging Face's layout (a dequantized copy)."""
-        return unpack_panels(dequantize_panels(self.codes, self.scales, self.offsets),
-                             self.out_features)
+        weight = unpack_panels(dequantize_panels(self.codes, self.scales, self.offsets,
+                                                 zero_points=self.zero_points),
+                               self.out_features)
+        if self.input_order is None:
+            return weight
+        return weight[:, jax.numpy.argsort(self.input_order)]
 
 
 @jax.tree_util.register_dataclass

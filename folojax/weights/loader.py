@@ -14,6 +14,7 @@ from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
 from folojax.ops import cpu_kernels, cpu_matmul
 from folojax.weights.gguf import open_gguf, read_gguf
+from folojax.weights.gptq import gptq_linears, read_gptq_config
 from folojax.weights.params import build_params
 from folojax.weights.quantized import check_quantization, quantize_int8_per_channel
 from folojax.weights.safetensors import read_safetensors
@@ -87,7 +88,10 @@ def _download(repo_id: str) -> str:
         ) from None
 
 
-def _read_hf_directory(path: str) -> tuple[ModelConfig, list[str], callable]:
+def _read_hf_directory(path: str, keep_quantized: bool = True
+                       ) -> tuple[ModelConfig, list[str], callable]:
+    """(config, tensor names, load(name)) of a Hugging Face directory; a GPTQ checkpoint's linears
+    come as QuantizedTensor (keep_quantized) or dequantized (folojax/weights/gptq.py)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -113,6 +117,11 @@ def _read_hf_directory(path: str) -> tuple[ModelConfig, list[str], callable]:
             if name in tensors:
                 raise CheckpointError(f"{file}: tensor {name!r} appears in more than one file")
             tensors[name] = array
+    gptq = read_gptq_config(path)
+    if gptq is not None:
+        names, load = gptq_linears(gptq, list(tensors), tensors.__getitem__, path,
+                                   keep_quantized)
+        return config, names, load
     return config, list(tensors), tensors.__getitem__
 
 
@@ -123,10 +132,11 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once.
 
     quantization: "auto" keeps what the checkpoint has quantized that folojax can run quantized
-    (a GGUF's Q4_0, Q4_1 and Q8_0 tensors) and dequantizes the rest to `dtype`; "none"
+    (a GGUF's Q4_0, Q4_1 and Q8_0 tensors; a GPTQ checkpoint's linears, 4 or 8 bits, detected
+    from its config) and dequantizes the rest to `dtype`; "none"
     dequantizes everything; "int8" quantizes every linear weight (and a tied embedding, which is
-    the head) to int8 per output channel, from its float values (a GGUF's blocks dequantized
-    first). Activations, norms and an untied embedding stay in `dtype`.
+    the head) to int8 per output channel, from its float values (a GGUF's blocks or GPTQ's
+    dequantized first). Activations, norms and an untied embedding stay in `dtype`.
     """
     check_quantization(quantization)
     path = resolve_model_path(model)
@@ -143,7 +153,7 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
         config, names, load = read_gguf(gguf_file, reader,
                                         keep_quantized=quantization == "auto")
     elif os.path.isdir(path):
-        config, names, load = _read_hf_directory(path)
+        config, names, load = _read_hf_directory(path, keep_quantized=quantization == "auto")
     else:
         raise FileNotFoundError(f"{path}: neither a model directory nor a .gguf file")
     numpy_dtype = np.dtype(dtype)

@@ -123,7 +123,10 @@ def build_params(
             weight = quantize(weight)
         if isinstance(weight, QuantizedTensor):
             packed = pack_quantized(weight.codes, weight.scales, weight.offsets, weight.bits)
-            return QuantLinear(*map(jnp.asarray, packed), weight.shape[0], bias)
+            order = None if weight.input_order is None else jnp.asarray(weight.input_order,
+                                                                        jnp.int32)
+            return QuantLinear(*map(jnp.asarray, packed), weight.shape[0], bias, order,
+                               weight.zero_points)
         if panels:
             return PanelLinear(convert(pack_panels(weight)), weight.shape[0], bias)
         return Linear(convert(weight), bias)

@@ -1,6 +1,7 @@
 """Quantized weights on the host, in Hugging Face's [out, in] layout, before they are packed for
-the device (folojax/ops/quant_matmul.py): GGUF's Q4_0, Q4_1 and Q8_0 blocks read as they are, and
-per-output-channel int8 made from float weights at load time."""
+the device (folojax/ops/quant_matmul.py): GGUF's Q4_0, Q4_1 and Q8_0 blocks read as they are,
+GPTQ's (folojax/weights/gptq.py), and per-output-channel int8 made from float weights at load
+time."""
 
 import dataclasses
 
@@ -21,11 +22,15 @@ def check_quantization(quantization: str) -> str:
 
 @dataclasses.dataclass
 class QuantizedTensor:
-    """w[o, k] = codes[o, k] * scales[o, g] + offsets[o, g], for k in group g = k // (in / G)."""
+    """w[o, k] = codes[o, k] * scales[o, g] + offsets[o, g], for k in group g = k // (in / G);
+    with zero_points, w[o, k] = (codes[o, k] - offsets[o, g]) * scales[o, g]. With input_order,
+    column k of the codes is input input_order[k] of the weight."""
     codes: np.ndarray  # [out, in] int8: -128..127 for 8 bits, 0..15 for 4
     scales: np.ndarray  # [out, G] float16
-    offsets: np.ndarray  # [out, G] float16
+    offsets: np.ndarray  # [out, G] float16: offsets, or zero points
     bits: int
+    zero_points: bool = False
+    input_order: np.ndarray | None = None  # [in] int32
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -36,24 +41,41 @@ class QuantizedTensor:
         return self.codes.shape[1] // self.scales.shape[1]
 
     def dequantize(self) -> np.ndarray:
-        """float32 [out, in]."""
+        """float32 [out, in], inputs in order."""
         scale = np.repeat(self.scales.astype(np.float32), self.group_size, axis=1)
         offset = np.repeat(self.offsets.astype(np.float32), self.group_size, axis=1)
-        return self.codes.astype(np.float32) * scale + offset
+        if self.zero_points:
+            offset = -offset * scale
+        weight = self.codes.astype(np.float32) * scale + offset
+        if self.input_order is None:
+            return weight
+        return weight[:, np.argsort(self.input_order)]
 
     def map_rows(self, rows) -> "QuantizedTensor":
         """The same rows transformation (e.g. a permutation) applied to codes, scales, offsets."""
-        return QuantizedTensor(rows(self.codes), rows(self.scales), rows(self.offsets), self.bits)
+        return dataclasses.replace(self, codes=rows(self.codes), scales=rows(self.scales),
+                                   offsets=rows(self.offsets))
+
+
+def _same_inputs(parts: list[QuantizedTensor]) -> bool:
+    """Whether the parts' columns mean the same: groups, offset form and input order agree."""
+    first = parts[0]
+    return all(p.group_size == first.group_size and p.zero_points == first.zero_points
+               and (p.input_order is None) == (first.input_order is None)
+               and (p.input_order is None or np.array_equal(p.input_order, first.input_order))
+               for p in parts)
 
 
 def concatenate_rows(parts: list) -> "QuantizedTensor | np.ndarray":
-    """Stacks the rows of `parts` (fusing q/k/v or gate/up): quantized if every part is and their
-    groups agree (4-bit codes join 8-bit ones as they are: the same values fit), else float32."""
+    """Stacks the rows of `parts` (fusing q/k/v or gate/up): quantized if every part is and
+    their columns mean the same (4-bit codes join 8-bit ones as they are: the same values fit),
+    else float32."""
     quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
-    if len(quantized) == len(parts) and len({p.group_size for p in parts}) == 1:
-        return QuantizedTensor(*(np.concatenate([getattr(p, name) for p in parts])
-                                 for name in ("codes", "scales", "offsets")),
-                               bits=max(p.bits for p in parts))
+    if len(quantized) == len(parts) and _same_inputs(quantized):
+        return dataclasses.replace(
+            parts[0], bits=max(p.bits for p in parts),
+            **{name: np.concatenate([getattr(p, name) for p in parts])
+               for name in ("codes", "scales", "offsets")})
     return np.concatenate([dense(p) for p in parts])
 
 

@@ -7,6 +7,9 @@
 //           column b in its low nibble and column b + 32 in its high nibble)
 //   scales  [P, G, 64] float16, offsets [P, G, 64] float16
 //
+// With the attribute zero_points, `offsets` holds zero points z instead (GPTQ's), and each
+// weight is (code - z) * scale: the offset -z * scale is formed in float32, exactly.
+//
 // Few rows (decode): a tile of rows takes a panel at once, streaming its codes. Within a group
 // it sums x[k] * code over the group's depths, then adds scale * that sum + offset * (the sum of
 // x over the group): one conversion per weight and one multiply-add per weight and row, the
@@ -118,7 +121,15 @@ struct QuantPanel {  // one panel's codes, scales and offsets
   const uint8_t* codes;     // [K, kPanel * kBits / 8]
   const uint16_t* scales;   // [G, kPanel]
   const uint16_t* offsets;  // [G, kPanel]
+  bool zero_points;         // offsets holds zero points (see the top)
 };
+
+// The offsets of the panel's group g, columns [column, column + kLanes), given their scales.
+inline Vector GroupOffsets(const QuantPanel& panel, int64_t g, int64_t column,
+                           const Vector& scale) {
+  const Vector stored = LoadHalves(panel.offsets + g * kPanel + column);
+  return panel.zero_points ? -(stored * scale) : stored;
+}
 
 // out[0:R, 0:columns] = x[0:R, :] @ the panel, x rows K apart, out rows `ldo` apart; `x_sums`
 // [R, G] holds each row's sums of x over each group. Prefetches `prefetch_bytes` per depth from
@@ -149,7 +160,7 @@ void QuantTile(const float* x, const float* x_sums, const QuantPanel& panel, int
     }
     for (int j = 0; j < kPanelVectors; ++j) {
       const Vector scale = LoadHalves(panel.scales + g * kPanel + j * kLanes);
-      const Vector offset = LoadHalves(panel.offsets + g * kPanel + j * kLanes);
+      const Vector offset = GroupOffsets(panel, g, j * kLanes, scale);
       for (int i = 0; i < R; ++i) acc[i][j] += sums[i][j] * scale + x_sums[i * G + g] * offset;
     }
   }
@@ -171,7 +182,7 @@ void DequantizePanel(const QuantPanel& panel, int64_t K, int64_t G, float* out) 
     Vector scale[kPanelVectors], offset[kPanelVectors];
     for (int j = 0; j < kPanelVectors; ++j) {
       scale[j] = LoadHalves(panel.scales + g * kPanel + j * kLanes);
-      offset[j] = LoadHalves(panel.offsets + g * kPanel + j * kLanes);
+      offset[j] = GroupOffsets(panel, g, j * kLanes, scale[j]);
     }
     for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
       const uint8_t* depth = panel.codes + k * kDepthBytes;
@@ -193,6 +204,7 @@ struct Problem {
   const uint8_t* codes;
   const uint16_t* scales;
   const uint16_t* offsets;
+  bool zero_points;
   float* out;  // [M, N]
   int64_t M, K, N, G;
 };
@@ -206,7 +218,7 @@ void Panels(const Problem& problem, int64_t begin, int64_t end, Scratch& scratch
   if (dequantize) scratch.panel.resize(K * kPanel);
   for (int64_t p = begin; p < end; ++p) {
     const QuantPanel panel{problem.codes + p * codes_bytes, problem.scales + p * group_values,
-                           problem.offsets + p * group_values};
+                           problem.offsets + p * group_values, problem.zero_points};
     // The task's next panel's codes; the last one prefetches nothing (it is another task's).
     const char* next = reinterpret_cast<const char*>(panel.codes + codes_bytes);
     const int64_t next_bytes = p + 1 < end ? codes_bytes : 0;
@@ -240,7 +252,7 @@ void Panels(const Problem& problem, int64_t begin, int64_t end, Scratch& scratch
 
 ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                        ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> offsets,
-                       ffi::ResultBuffer<ffi::F32> out) {
+                       ffi::ResultBuffer<ffi::F32> out, bool zero_points) {
   const auto x_dims = x.dimensions(), c_dims = codes.dimensions(), s_dims = scales.dimensions(),
              o_dims = offsets.dimensions(), out_dims = out->dimensions();
   const bool eight_bits = codes.element_type() == ffi::DataType::S8;
@@ -267,9 +279,10 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
       for (int64_t k = g * (K / G); k < (g + 1) * (K / G); ++k) sum += x_data[m * K + k];
       x_sums[m * G + g] = sum;
     }
-  const Problem problem{x_data, x_sums.data(), static_cast<const uint8_t*>(codes.untyped_data()),
-                        scales.typed_data(), offsets.typed_data(), out->typed_data(),
-                        M, K, N, G};
+  const Problem problem{x_data,          x_sums.data(),
+                        static_cast<const uint8_t*>(codes.untyped_data()),
+                        scales.typed_data(), offsets.typed_data(), zero_points,
+                        out->typed_data(), M, K, N, G};
   // As panel_matmul.cc: about 8 tasks per thread, at most 8 panels per task.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t per_task = std::clamp<int64_t>(num_panels / (8 * threads), 1, 8);
@@ -295,4 +308,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FolojaxQuantMatmul, QuantMatmul,
                                   .Arg<ffi::AnyBuffer>()         // codes
                                   .Arg<ffi::Buffer<ffi::F16>>()  // scales [P, G, 64]
                                   .Arg<ffi::Buffer<ffi::F16>>()  // offsets [P, G, 64]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, out]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // [rows, out]
+                                  .Attr<bool>("zero_points"));
