@@ -45,7 +45,7 @@ def quantize_linear(weight: np.ndarray, bits: int, group_size: int, order: np.nd
     if order is not None:  # act-order: input order[j] lands in group j // group_size
         g_idx = np.empty(inner, np.int64)
         g_idx[order] = np.arange(inner) // group_size
-    num_groups = inner // group_size
+    num_groups = -(-inner // group_size)  # the last group may be partial
     scales = np.zeros((num_groups, out), np.float16)
     for g in range(num_groups):
         scales[g] = (np.abs(weight[:, g_idx == g]).max(axis=1) / (maxq / 2)).astype(np.float16)
@@ -108,7 +108,7 @@ def tiny_llama(tmp_path_factory):
 @pytest.mark.parametrize("bits, group_size, desc_act, sym, checkpoint_format", [
     (4, 32, False, True, "gptq"), (4, 32, True, False, "gptq"), (4, 64, False, False, "gptq_v2"),
     (4, -1, True, True, "gptq_v2"), (8, 32, False, False, "gptq"), (8, -1, False, True, "gptq"),
-    (8, 64, True, False, "gptq_v2")])
+    (8, 64, True, False, "gptq_v2"), (4, 48, False, False, "gptq"), (8, 48, True, True, "gptq")])
 def test_gptq_logits_equal_torch_with_the_dequantized_weights(tiny_llama, tmp_path, bits,
                                                               group_size, desc_act, sym,
                                                               checkpoint_format):
@@ -119,9 +119,11 @@ def test_gptq_logits_equal_torch_with_the_dequantized_weights(tiny_llama, tmp_pa
     qkv = model.params.layers[0].attention.qkv
     assert isinstance(qkv, QuantLinear) and qkv.bits == bits and qkv.zero_points
     down = model.params.layers[0].mlp.down
-    # act-order reorders inputs unless one group holds them all (q/k/v read 64, down 128)
+    # act-order reorders inputs unless one group holds them all (q/k/v read 64, down 128);
+    # groups of 48 (the last partial) are held as groups of gcd(48, inputs) = 16
     assert (qkv.input_order is not None) == (desc_act and 0 < group_size < 64)
     assert (down.input_order is not None) == (desc_act and 0 < group_size < 128)
+    assert down.scales.shape[1] == {-1: 1, 32: 4, 64: 2, 48: 8}[group_size]
     ids = np.random.default_rng(1).integers(3, 320, (2, 19)).tolist()
     reference = torch_logits(type("Twin", (), {"torch_model": twin}), ids)
     assert_close(folojax.forward(model.params, model.config, ids), reference)
@@ -158,7 +160,7 @@ def _short_qweight(tensors):
     (dict(desc_act=True), _remove_g_idx, CheckpointError,
      "q_proj.g_idx: missing, and desc_act"),
     (dict(), _short_qweight, CheckpointError,
-     "down_proj.qweight: 120 inputs is not a multiple of group_size 32"),
+     r"down_proj.g_idx: expected \[120\] group ids in \[0, 4\), got shape \[128\]"),
     (dict(checkpoint_format="marlin"), None, UnsupportedModelError, "'marlin' is not supported"),
 ])
 def test_a_bad_gptq_layout_names_the_tensor_and_the_rule(tiny_llama, tmp_path, settings, edit,

@@ -9,13 +9,16 @@ G groups (group_size inputs each; group_size -1: one group):
           "gptq" (v1) stores each zero point minus one, "gptq_v2" as it is
   scales  [G, out] float16
   g_idx   [in] int32: each input's group; act-order (desc_act) puts inputs in groups out of order
-w[o, k] = (q[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o].
+w[o, k] = (q[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o]. G = ceil(in / group_size): the last
+group may be partial (SmolLM2's 576 inputs in groups of 128). folojax's groups must be equal, so
+each group is held as groups of gcd(group_size, in) inputs sharing its scale and zero point.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -100,10 +103,8 @@ def gptq_tensor(prefix: str, parts: dict[str, np.ndarray | None], config: GPTQCo
         fail("qweight", f"expected int32 [in * {bits} / 32, out], got {qweight.dtype} "
                         f"{list(qweight.shape)}")
     inner, out = qweight.shape[0] * per_word, qweight.shape[1]
-    group_size = inner if config.group_size == -1 else config.group_size
-    if inner % group_size:
-        fail("qweight", f"{inner} inputs is not a multiple of group_size {group_size}")
-    num_groups = inner // group_size
+    group_size = inner if config.group_size == -1 else min(config.group_size, inner)
+    num_groups = -(-inner // group_size)
     if scales.shape != (num_groups, out):
         fail("scales", f"expected [{num_groups}, {out}] (groups, outputs), got "
                        f"{list(scales.shape)}")
@@ -120,10 +121,17 @@ def gptq_tensor(prefix: str, parts: dict[str, np.ndarray | None], config: GPTQCo
         fail("g_idx", f"expected [{inner}] group ids in [0, {num_groups}), got shape "
                       f"{list(g_idx.shape)}")
     order = np.argsort(g_idx, kind="stable")  # inputs grouped: group g's are order[g*size:...]
-    if (np.bincount(g_idx, minlength=num_groups) != group_size).any():
-        fail("g_idx", f"every group must hold group_size={group_size} inputs")
+    sizes = np.full(num_groups, group_size)
+    sizes[-1] = inner - group_size * (num_groups - 1)
+    if (np.bincount(g_idx, minlength=num_groups) != sizes).any():
+        fail("g_idx", f"every group must hold group_size={group_size} inputs (the last one "
+                      "the rest)")
     codes = _unpack(qweight, bits, axis=0)[order].T  # [out, in], columns in `order`
     zeros = _unpack(qzeros, bits, axis=1).T  # [out, G]
+    # Equal groups of gcd(group_size, in) inputs, each with its group's scale and zero point.
+    held = math.gcd(group_size, inner)
+    group_of_held = np.arange(inner // held) * held // group_size
+    zeros, scales = zeros[:, group_of_held], np.asarray(scales)[group_of_held]
     if config.checkpoint_format == "gptq":
         zeros = zeros + 1  # v1 stores z - 1
     if bits == 8:  # codes 0..255 held as int8: shift codes and zero points alike
