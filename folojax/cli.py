@@ -1,4 +1,4 @@
-"""The `folojax` command: generate, serve, bench, perplexity, init-random.
+"""The `folojax` command: generate, serve, bench, perplexity, quantize, init-random.
 
 Arguments are checked before anything loads, so a bad one fails at once. The command owns its
 process, so it tunes glibc's malloc first (folojax/host_malloc.py; FOLOJAX_TUNE_MALLOC=0 does
@@ -242,6 +242,17 @@ def _bench_first_call(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from folojax.quantize import quantize_checkpoint
+
+    out_dir = quantize_checkpoint(args.model, args.out_dir, args.method, args.bits,
+                                  args.group_size, args.sym)
+    print(f"wrote {args.method} {args.bits}-bit (group size {args.group_size}, "
+          f"{'symmetric' if args.sym else 'asymmetric'}) GPTQ checkpoint of {args.model} to "
+          f"{out_dir}")
+    return 0
+
+
 def _perplexity(args) -> int:
     from folojax.perplexity import format_perplexity, run_perplexity
 
@@ -383,6 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "--concurrency and draw latency against load to this .png (matplotlib)")
     bench.set_defaults(func=_bench)
 
+    quantize = commands.add_parser("quantize", help="write a GPTQ-format quantized checkpoint",
+                                   **defaults)
+    quantize.add_argument("model", help="the source: an HF directory or a .gguf file")
+    quantize.add_argument("out_dir", help="the new model directory to write")
+    quantize.add_argument("--method", default="rtn", help="rtn: round-to-nearest per group")
+    quantize.add_argument("--bits", type=int, default=4, help="4 or 8")
+    quantize.add_argument("--group-size", type=int, default=128,
+                          help="inputs per scale and zero point; -1: one group per output")
+    symmetry = quantize.add_mutually_exclusive_group()
+    symmetry.add_argument("--sym", dest="sym", action="store_true", default=True,
+                          help="a fixed zero point, (2**bits) / 2")
+    symmetry.add_argument("--asym", dest="sym", action="store_false",
+                          help="a zero point per group, from its range")
+    quantize.set_defaults(func=_quantize)
+
     perplexity = commands.add_parser("perplexity", help="a model's perplexity on a text",
                                      **defaults)
     _add_model_arguments(perplexity)
@@ -411,7 +437,7 @@ def main(argv=None) -> int:
     tune_host_malloc()  # before JAX starts its threads; FOLOJAX_TUNE_MALLOC=0 leaves glibc's
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"folojax: error: {e}", file=sys.stderr)
         return 2
 

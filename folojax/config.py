@@ -147,6 +147,30 @@ class ModelConfig:
             rope_scaling=RopeScaling.from_hf(rope, max_position_embeddings),
         )
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """A Hugging Face `config.json` dict that from_hf_config reads back as this config (for
+        a model directory written from a GGUF file, e.g. by `folojax quantize`)."""
+        model_types = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
+                       "LlamaForCausalLM": "llama"}
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**{k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
+                       if v is not None}, "rope_theta": self.rope_theta}
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": [self.architecture], "model_type": model_types[self.architecture],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "bos_token_id": self.bos_token_id, "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+        }
+
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path) as f:

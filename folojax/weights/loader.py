@@ -125,6 +125,34 @@ def _read_hf_directory(path: str, keep_quantized: bool = True
     return config, list(tensors), tensors.__getitem__
 
 
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint's config and named tensors, before they become params."""
+    config: ModelConfig
+    names: list[str]  # Hugging Face tensor names
+    load: callable  # name -> numpy, or a QuantizedTensor when kept quantized
+    source: str  # the directory, or the .gguf file
+    gguf_file: str | None = None
+    gguf_reader: object | None = None  # the GGUF file, parsed once (its tokenizer reads it too)
+
+
+def read_checkpoint(path: str, keep_quantized: bool = True) -> Checkpoint:
+    """A local HF directory (safetensors; GPTQ detected from its config) or GGUF file (a .gguf,
+    or a directory holding one and no config.json)."""
+    gguf_file = path if path.endswith(".gguf") else None
+    if gguf_file is None and os.path.isdir(path) and not os.path.isfile(
+            os.path.join(path, "config.json")):
+        candidates = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        gguf_file = candidates[0] if len(candidates) == 1 else None
+    if gguf_file:
+        reader = open_gguf(gguf_file)
+        config, names, load = read_gguf(gguf_file, reader, keep_quantized=keep_quantized)
+        return Checkpoint(config, names, load, gguf_file, gguf_file, reader)
+    if os.path.isdir(path):
+        return Checkpoint(*_read_hf_directory(path, keep_quantized=keep_quantized), path)
+    raise FileNotFoundError(f"{path}: neither a model directory nor a .gguf file")
+
+
 def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = True,
                tokenizer: str | None = None, progress: bool = True,
                quantization: str = "auto") -> Model:
@@ -142,20 +170,9 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
     cpu_kernels.start_loading()  # a first build of the CPU kernels overlaps the weights' load
-    gguf_file = path if path.endswith(".gguf") else None
-    if gguf_file is None and os.path.isdir(path) and not os.path.isfile(
-            os.path.join(path, "config.json")):
-        candidates = sorted(glob.glob(os.path.join(path, "*.gguf")))
-        gguf_file = candidates[0] if len(candidates) == 1 else None
-    reader = None
-    if gguf_file:
-        reader = open_gguf(gguf_file)
-        config, names, load = read_gguf(gguf_file, reader,
-                                        keep_quantized=quantization == "auto")
-    elif os.path.isdir(path):
-        config, names, load = _read_hf_directory(path, keep_quantized=quantization == "auto")
-    else:
-        raise FileNotFoundError(f"{path}: neither a model directory nor a .gguf file")
+    checkpoint = read_checkpoint(path, keep_quantized=quantization == "auto")
+    config, names, load = checkpoint.config, checkpoint.names, checkpoint.load
+    gguf_file, reader = checkpoint.gguf_file, checkpoint.gguf_reader
     numpy_dtype = np.dtype(dtype)
 
     def convert(array: np.ndarray) -> jax.Array:
