@@ -116,6 +116,10 @@ def quantize_checkpoint(model: str | None, out_dir: str, method: str = "rtn", bi
         array = np.asarray(dense(checkpoint.load(name)), np.float32)
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and prefix.split(".", 3)[-1] in QUANTIZED_LINEARS:
+            if array.shape[0] % (32 // bits) or array.shape[1] % (32 // bits):
+                raise ValueError(f"{source}: {name} is {list(array.shape)}: GPTQ packs "
+                                 f"{32 // bits} {bits}-bit values per int32 along both "
+                                 "dimensions, so both must be multiples of that")
             packed = pack_gptq(*rtn_quantize(array, bits, group_size, sym), bits, group_size)
             tensors.update({f"{prefix}.{part}": value for part, value in packed.items()})
         else:
