@@ -288,7 +288,8 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
 
 def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantization", default="auto",
-                         help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors stay quantized), none "
+                         help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors and a GPTQ checkpoint "
+                              "stay quantized), none "
                               "(dequantized to --dtype) or int8 (per output channel, at load "
                               "time); bench and perplexity take several, comma-separated, run "
                               "in turn")
