@@ -52,10 +52,7 @@ def embedding_rows(table, token_ids: jax.Array, dtype) -> jax.Array:
     head kept only as panels (a PanelLinear) or quantized (a QuantLinear, dequantized here)."""
     if isinstance(table, PanelLinear):
         return cpu_matmul.panel_rows(table.panels, token_ids).astype(dtype)
-    if isinstance(table, QuantLinear):
-        if table.input_order is not None:
-            raise ValueError("an embedding whose inputs are reordered (GPTQ act-order) is not "
-                             "supported")
+    if isinstance(table, QuantLinear):  # a tied head: GGUF's or int8's, never reordered
         return quant_matmul.quantized_rows(table.codes, table.scales, table.offsets, token_ids,
                                            dtype, table.zero_points)
     return table[token_ids].astype(dtype)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from folojax.ops.cpu_matmul import unpack_panels  # the panel layouts live with their kernels
 from folojax.ops.quant_matmul import dequantize_panels
@@ -67,7 +68,7 @@ class QuantLinear:
 
     @property
     def bits(self) -> int:
-        return 8 if self.codes.dtype == jax.numpy.int8 else 4
+        return 8 if self.codes.dtype == jnp.int8 else 4
 
     def dense_weight(self) -> jax.Array:
         """[out, in] float32, Hugging Face's layout (a dequantized copy)."""
@@ -76,7 +77,7 @@ class QuantLinear:
                                self.out_features)
         if self.input_order is None:
             return weight
-        return weight[:, jax.numpy.argsort(self.input_order)]
+        return weight[:, jnp.argsort(self.input_order)]
 
 
 @jax.tree_util.register_dataclass

@@ -43,7 +43,6 @@ class GPTQConfig:
 def read_gptq_config(directory: str) -> GPTQConfig | None:
     """The checkpoint's GPTQ settings, from config.json's quantization_config or from
     quantize_config.json; None if it has neither."""
-    settings, source = None, None
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         settings = json.load(f).get("quantization_config")
