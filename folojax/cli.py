@@ -245,10 +245,16 @@ def _bench_first_call(args) -> int:
 def _quantize(args) -> int:
     from folojax.quantize import quantize_checkpoint
 
+    calibration = {name: getattr(args, name) for name in ("calibration_samples",
+                                                          "calibration_length")
+                   if getattr(args, name) is not None}  # else quantize_checkpoint's defaults
     out_dir = quantize_checkpoint(args.model, args.out_dir, args.method, args.bits,
-                                  args.group_size, args.sym)
+                                  args.group_size, args.sym, args.act_order, args.grid_search,
+                                  **calibration)
     print(f"wrote {args.method} {args.bits}-bit (group size {args.group_size}, "
-          f"{'symmetric' if args.sym else 'asymmetric'}) GPTQ checkpoint of {args.model} to "
+          f"{'symmetric' if args.sym else 'asymmetric'}"
+          f"{', act-order' if args.act_order else ''}"
+          f"{', grid search' if args.grid_search else ''}) GPTQ checkpoint of {args.model} to "
           f"{out_dir}")
     return 0
 
@@ -399,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    **defaults)
     quantize.add_argument("model", help="the source: an HF directory or a .gguf file")
     quantize.add_argument("out_dir", help="the new model directory to write")
-    quantize.add_argument("--method", default="rtn", help="rtn: round-to-nearest per group")
+    quantize.add_argument("--method", default="rtn",
+                          help="rtn: round-to-nearest per group; gptq: GPTQ, layer by layer, "
+                          "on calibration text (the standard library's module docstrings)")
     quantize.add_argument("--bits", type=int, default=4, help="4 or 8")
     quantize.add_argument("--group-size", type=int, default=128,
                           help="inputs per scale and zero point; -1: one group per output")
@@ -408,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a fixed zero point, (2**bits) / 2")
     symmetry.add_argument("--asym", dest="sym", action="store_false",
                           help="a zero point per group, from its range")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="gptq: round inputs by decreasing Hessian diagonal (desc_act)")
+    quantize.add_argument("--grid-search", action="store_true",
+                          help="shrink each group's range where that rounds its weights with "
+                          "less error (GPTQ's optional search)")
+    quantize.add_argument("--calibration-samples", type=int,
+                          help="gptq: calibration segments (default 128)")
+    quantize.add_argument("--calibration-length", type=int,
+                          help="gptq: tokens per calibration segment (default 256)")
     quantize.set_defaults(func=_quantize)
 
     perplexity = commands.add_parser("perplexity", help="a model's perplexity on a text",

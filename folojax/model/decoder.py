@@ -79,15 +79,33 @@ def decoder_layers(params, config: ModelConfig, token_ids, positions, attend, ca
         config, rope_length or config.max_position_embeddings))
     last = len(params.layers) - 1
     for layer_index, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.input_norm, config.rms_norm_eps)
-        q, k, v = project_qkv(h, layer.attention, config, cos, sin)
-        out, cache = attend(layer_index, q, k, v, cache)
-        out = out.reshape(*out.shape[:2], out.shape[2] * out.shape[3])  # [batch, seq, heads*dim]
-        if keep is not None and layer_index == last:
-            x, out = (jnp.take_along_axis(a, keep[..., None], axis=1) for a in (x, out))
-        x = x + linear(out, layer.attention.o)
-        x = x + swiglu_mlp(rms_norm(x, layer.post_attention_norm, config.rms_norm_eps), layer.mlp)
+        x, cache = decoder_layer(layer, layer_index, config, x, cos, sin, attend, cache,
+                                 keep if layer_index == last else None)
     return rms_norm(x, params.final_norm, config.rms_norm_eps), cache
+
+
+def decoder_layer(layer, layer_index: int, config: ModelConfig, x, cos, sin, attend, cache,
+                  keep=None):
+    """One layer over hidden states x [batch, seq, hidden] (see decoder_layers); keep [batch, n]
+    (optional): the only tokens whose outputs are wanted."""
+    h = rms_norm(x, layer.input_norm, config.rms_norm_eps)
+    q, k, v = project_qkv(h, layer.attention, config, cos, sin)
+    out, cache = attend(layer_index, q, k, v, cache)
+    out = out.reshape(*out.shape[:2], out.shape[2] * out.shape[3])  # [batch, seq, heads*dim]
+    if keep is not None:
+        x, out = (jnp.take_along_axis(a, keep[..., None], axis=1) for a in (x, out))
+    x = x + linear(out, layer.attention.o)
+    x = x + swiglu_mlp(rms_norm(x, layer.post_attention_norm, config.rms_norm_eps), layer.mlp)
+    return x, cache
+
+
+def dense_attend(positions, lengths):
+    """An `attend` for decoder_layers with no cache: each row of the batch attends causally to
+    its own keys (positions [batch, seq], lengths [batch])."""
+    def attend(layer_index, q, k, v, cache):
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, dim]
+        return causal_attention(q, k, v, positions, lengths), cache
+    return attend
 
 
 def lm_head(params, hidden: jax.Array) -> jax.Array:
@@ -104,12 +122,7 @@ def _forward(params, config: ModelConfig, token_ids):
     count_compile("forward")
     batch, seq = token_ids.shape
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    lengths = jnp.full((batch,), seq)
-
-    def attend(layer_index, q, k, v, cache):  # each row attends to its own keys: no cache
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, dim]
-        return causal_attention(q, k, v, positions, lengths), cache
-
+    attend = dense_attend(positions, jnp.full((batch,), seq))
     hidden, _ = decoder_layers(params, config, token_ids, positions, attend, None,
                                rope_length=seq)
     return lm_head(params, hidden)
