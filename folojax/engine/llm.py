@@ -39,7 +39,7 @@ class LLM:
       dtype: "auto" (bfloat16 on an accelerator, float32 on CPU), "float32", "bfloat16", "float16".
       quantization: "auto" (a GGUF's Q4_0, Q4_1 and Q8_0 tensors stay quantized), "none"
         (everything dequantized to dtype), "int8" (linear weights quantized per output channel
-        at load time); see load_model.
+        at load time, against activations quantized to int8 on the fly); see load_model.
       max_model_len: longest prompt plus output; default the model's max_position_embeddings.
       seed: randomness for requests without their own seed.
       block_size: tokens per KV-cache block.

@@ -3,7 +3,8 @@
 A Linear keeps Hugging Face's [out, in] layout and is applied as `x @ w.T` by XLA, which folds
 the transpose into the matmul instead of copying the weight. On CPU, float32 weights are loaded as
 PanelLinear, the C++ matmul kernel's layout (folojax/ops/cpu_matmul.py); quantized weights are a
-QuantLinear in the same panels (folojax/ops/quant_matmul.py).
+QuantLinear in the same panels (folojax/ops/quant_matmul.py), or, quantized to int8 at load
+time, an Int8Linear (folojax/ops/int8_matmul.py).
 """
 
 import functools
@@ -11,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from folojax.model.weights import Linear, MLPWeights, PanelLinear, QuantLinear
-from folojax.ops import cpu_matmul, quant_matmul
+from folojax.model.weights import Int8Linear, Linear, MLPWeights, PanelLinear, QuantLinear
+from folojax.ops import cpu_matmul, int8_matmul, quant_matmul
 
 
 def linear(x: jax.Array, weight) -> jax.Array:
@@ -47,12 +48,22 @@ def _(weight: QuantLinear, x: jax.Array) -> jax.Array:
     return y if weight.bias is None else y + weight.bias
 
 
+@apply_linear.register
+def _(weight: Int8Linear, x: jax.Array) -> jax.Array:
+    y = int8_matmul.int8_matmul(x, weight.codes, weight.scales, weight.out_features)
+    return y if weight.bias is None else y + weight.bias
+
+
 def embedding_rows(table, token_ids: jax.Array, dtype) -> jax.Array:
     """The embedding of `token_ids` in `dtype`: rows of a [vocab, hidden] table, or of a tied
-    head kept only as panels (a PanelLinear) or quantized (a QuantLinear, dequantized here)."""
+    head kept only as panels (a PanelLinear) or quantized (a QuantLinear or an Int8Linear,
+    dequantized here)."""
     if isinstance(table, PanelLinear):
         return cpu_matmul.panel_rows(table.panels, token_ids).astype(dtype)
-    if isinstance(table, QuantLinear):  # a tied head: GGUF's or int8's, never reordered
+    if isinstance(table, Int8Linear):
+        return int8_matmul.int8_rows(table.codes, table.scales, token_ids, table.in_features,
+                                     dtype)
+    if isinstance(table, QuantLinear):  # a tied head: GGUF's, never reordered
         return quant_matmul.quantized_rows(table.codes, table.scales, table.offsets, token_ids,
                                            dtype, table.zero_points)
     return table[token_ids].astype(dtype)

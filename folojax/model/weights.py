@@ -4,8 +4,9 @@ shapes per config (`expected_shapes` in folojax/weights/params.py builds from th
 Projections that read the same input are fused into one Linear each (q, k and v; gate and up),
 so a decode step streams each fused weight in one matrix-vector product: fewer, larger reads.
 `linear(x, w)` dispatches on the weight's type, so other weight types plug in beside Linear
-without touching the decoder: PanelLinear (the CPU kernel's float layout) and QuantLinear
-(weights kept quantized, in the same panels) are two.
+without touching the decoder: PanelLinear (the CPU kernel's float layout), QuantLinear
+(weights kept quantized, in the same panels) and Int8Linear (int8 weights against int8
+activations) are three.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from folojax.ops.cpu_matmul import unpack_panels  # the panel layouts live with their kernels
+from folojax.ops.int8_matmul import dequantize_int8
 from folojax.ops.quant_matmul import dequantize_panels
 
 
@@ -80,6 +82,23 @@ class QuantLinear:
         return weight[:, jnp.argsort(self.input_order)]
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "bias"],
+                   meta_fields=["out_features", "in_features"])
+@dataclasses.dataclass
+class Int8Linear:
+    """A Linear quantized to int8 per output channel at load time, applied to activations
+    quantized to int8 on the fly (the layout and the math: folojax/ops/int8_matmul.py)."""
+    codes: jax.Array  # [P, ceil(in / 4), 256] uint8: 4 inputs per output together, plus 128
+    scales: jax.Array  # [P, 64] float32
+    out_features: int
+    in_features: int
+    bias: jax.Array | None = None  # [out]
+
+    def dense_weight(self) -> jax.Array:
+        """[out, in] float32, Hugging Face's layout (a dequantized copy)."""
+        return dequantize_int8(self.codes, self.scales, self.out_features, self.in_features)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionWeights:
@@ -108,17 +127,19 @@ class LayerWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelWeights:
-    # [vocab, hidden]; a tied embedding repacked for the CPU kernel or kept quantized is a
-    # PanelLinear or a QuantLinear (the head), whose rows the lookup gathers.
-    embed: jax.Array | PanelLinear | QuantLinear
+    # [vocab, hidden]; a tied embedding repacked for the CPU kernel or quantized is a
+    # PanelLinear, a QuantLinear or an Int8Linear (the head), whose rows the lookup gathers.
+    embed: jax.Array | PanelLinear | QuantLinear | Int8Linear
     layers: list[LayerWeights]
     final_norm: jax.Array  # [hidden]
-    lm_head: Linear | PanelLinear | QuantLinear | None = None  # None: tied to the embedding
+    # None: tied to the embedding
+    lm_head: Linear | PanelLinear | QuantLinear | Int8Linear | None = None
 
     @property
-    def head(self) -> Linear | PanelLinear | QuantLinear:
+    def head(self) -> Linear | PanelLinear | QuantLinear | Int8Linear:
         """The lm_head's weights, or the tied embedding's (read in place, not copied)."""
         if self.lm_head is not None:
             return self.lm_head
-        return self.embed if isinstance(self.embed, PanelLinear | QuantLinear) else Linear(
-            self.embed)
+        if isinstance(self.embed, PanelLinear | QuantLinear | Int8Linear):
+            return self.embed
+        return Linear(self.embed)

@@ -1,7 +1,7 @@
 """Native CPU kernels: C++ sources in folojax/ops/csrc (paged attention; the matmuls over weights
-repacked into panels, float32 or quantized), compiled on first use with the system's C++
-compiler against jaxlib's FFI headers into one library, cached, and registered as XLA FFI
-targets.
+repacked into panels, float32 or quantized; int8 weights against int8 activations), compiled on
+first use with the system's C++ compiler against jaxlib's FFI headers into one library, cached,
+and registered as XLA FFI targets.
 
 The build is cached under $FOLOJAX_CACHE_DIR (default ~/.cache/folojax), keyed by the source,
 the flags, the compiler, jaxlib's version and this CPU's instruction sets (it is built with
@@ -29,15 +29,18 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
 SOURCES = tuple(SOURCE_DIR / name
-                for name in ("paged_attention.cc", "panel_matmul.cc", "quant_matmul.cc"))
+                for name in ("paged_attention.cc", "panel_matmul.cc", "quant_matmul.cc",
+                             "int8_matmul.cc"))
 HEADERS = tuple(SOURCE_DIR / name for name in ("parallel_for.h", "panel_tile.h"))
 PAGED_ATTENTION_TARGET = "folojax_paged_attention"
 PANEL_MATMUL_TARGET = "folojax_panel_matmul"
 QUANT_MATMUL_TARGET = "folojax_quant_matmul"
+INT8_MATMUL_TARGET = "folojax_int8_matmul"
 # FFI target -> the handler symbol the library exports.
 TARGETS = {PAGED_ATTENTION_TARGET: "FolojaxPagedAttention",
            PANEL_MATMUL_TARGET: "FolojaxPanelMatmul",
-           QUANT_MATMUL_TARGET: "FolojaxQuantMatmul"}
+           QUANT_MATMUL_TARGET: "FolojaxQuantMatmul",
+           INT8_MATMUL_TARGET: "FolojaxInt8Matmul"}
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict[str, bool] = {}  # "loaded": the outcome of the first load() (then cached)

