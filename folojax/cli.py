@@ -245,14 +245,15 @@ def _bench_first_call(args) -> int:
 def _quantize(args) -> int:
     from folojax.quantize import quantize_checkpoint
 
+    sym = getattr(args, "sym", True)  # neither --sym nor --asym: symmetric
     calibration = {name: getattr(args, name) for name in ("calibration_samples",
                                                           "calibration_length")
-                   if getattr(args, name) is not None}  # else quantize_checkpoint's defaults
+                   if hasattr(args, name)}  # else quantize_checkpoint's defaults
     out_dir = quantize_checkpoint(args.model, args.out_dir, args.method, args.bits,
-                                  args.group_size, args.sym, args.act_order, args.grid_search,
+                                  args.group_size, sym, args.act_order, args.grid_search,
                                   **calibration)
     print(f"wrote {args.method} {args.bits}-bit (group size {args.group_size}, "
-          f"{'symmetric' if args.sym else 'asymmetric'}"
+          f"{'symmetric' if sym else 'asymmetric'}"
           f"{', act-order' if args.act_order else ''}"
           f"{', grid search' if args.grid_search else ''}) GPTQ checkpoint of {args.model} to "
           f"{out_dir}")
@@ -296,9 +297,9 @@ def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantization", default="auto",
                          help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors and a GPTQ checkpoint "
                               "stay quantized), none "
-                              "(dequantized to --dtype) or int8 (per output channel, at load "
-                              "time); bench and perplexity take several, comma-separated, run "
-                              "in turn")
+                              "(dequantized to --dtype) or int8 (weights per output channel, "
+                              "at load time, against int8 activations); bench and perplexity "
+                              "take several, comma-separated, run in turn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,19 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--group-size", type=int, default=128,
                           help="inputs per scale and zero point; -1: one group per output")
     symmetry = quantize.add_mutually_exclusive_group()
-    symmetry.add_argument("--sym", dest="sym", action="store_true", default=True,
-                          help="a fixed zero point, (2**bits) / 2")
-    symmetry.add_argument("--asym", dest="sym", action="store_false",
-                          help="a zero point per group, from its range")
+    symmetry.add_argument("--sym", dest="sym", action="store_true", default=argparse.SUPPRESS,
+                          help="a fixed zero point, (2**bits) / 2 (default: this)")
+    symmetry.add_argument("--asym", dest="sym", action="store_false", default=argparse.SUPPRESS,
+                          help="a zero point per group, from its range (default: off)")
     quantize.add_argument("--act-order", action="store_true",
                           help="gptq: round inputs by decreasing Hessian diagonal (desc_act)")
     quantize.add_argument("--grid-search", action="store_true",
                           help="shrink each group's range where that rounds its weights with "
                           "less error (GPTQ's optional search)")
-    quantize.add_argument("--calibration-samples", type=int,
-                          help="gptq: calibration segments (default 128)")
-    quantize.add_argument("--calibration-length", type=int,
-                          help="gptq: tokens per calibration segment (default 256)")
+    quantize.add_argument("--calibration-samples", type=int, default=argparse.SUPPRESS,
+                          help="gptq: calibration segments (default: 128)")
+    quantize.add_argument("--calibration-length", type=int, default=argparse.SUPPRESS,
+                          help="gptq: tokens per calibration segment (default: 256)")
     quantize.set_defaults(func=_quantize)
 
     perplexity = commands.add_parser("perplexity", help="a model's perplexity on a text",
