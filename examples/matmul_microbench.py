@@ -1,7 +1,8 @@
 """Decode's and prefill's matmuls on CPU: XLA's dot over Hugging Face's [out, in] weights against
 the C++ kernels over the same weights repacked into panels: float32
-(folojax/ops/csrc/panel_matmul.cc) and quantized (folojax/ops/csrc/quant_matmul.cc: int8 per
-output channel, and 4 bits with an offset per block of 32, GGUF's Q4_1), for 1 to 1,024 rows,
+(folojax/ops/csrc/panel_matmul.cc) and quantized: int8 per output channel against int8
+activations (folojax/ops/csrc/int8_matmul.cc, `quantization="int8"`), and 4 bits with an offset
+per block of 32, GGUF's Q4_1 (folojax/ops/csrc/quant_matmul.cc), for 1 to 1,024 rows,
 over SmolLM2-135M's weight shapes (30 layers of fused q/k/v, o, fused gate/up and down, then the
 49,152-row head): the rate each streams its weights at.
 
@@ -15,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from folojax.ops import cpu_kernels, cpu_matmul, quant_matmul
-from folojax.weights.quantized import QuantizedTensor, quantize_int8_per_channel
+from folojax.ops import cpu_kernels, cpu_matmul, int8_matmul, quant_matmul
+from folojax.weights.params import int8_linear
+from folojax.weights.quantized import QuantizedTensor
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -58,12 +60,11 @@ def main() -> None:
     dense = [rng.standard_normal(shape, dtype=np.float32) for shape in SHAPES]
     weights = [jnp.asarray(w) for w in dense]
     panels = [jnp.asarray(cpu_matmul.pack_panels(w)) for w in dense]
-    formats = {"int8": [packed(quantize_int8_per_channel(w)) for w in dense],
-               "4-bit": [packed(four_bits_with_offsets(w)) for w in dense]}
+    int8 = [int8_linear(w) for w in dense]
+    formats = {"int8": ([(w.codes, w.scales) for w in int8], int8_matmul.int8_matmul),
+               "4-bit": ([packed(four_bits_with_offsets(w)) for w in dense],
+                         quant_matmul.quant_matmul)}
     total = sum(w.nbytes for w in dense)
-
-    def quantized(x, weight, out):
-        return quant_matmul.quant_matmul(x, *weight, out)
 
     for rows in [int(r) for r in sys.argv[1:]] or (1, 2, 4, 8, 16, 32, 48, 64, 256, 1024):
         xla = best_seconds(lambda x, w, out: x @ w.T, weights, rows)
@@ -72,8 +73,9 @@ def main() -> None:
         line = (f"rows={rows:>4}: XLA {total / xla / 1e9:5.1f} GB/s {flops / xla / 1e9:4.0f} GF/s "
                 f"({xla * 1e3:6.1f} ms), kernel {total / kernel / 1e9:5.1f} GB/s "
                 f"{flops / kernel / 1e9:4.0f} GF/s ({kernel * 1e3:6.1f} ms)")
-        for name, quantized_weights in formats.items():
-            seconds = best_seconds(quantized, quantized_weights, rows)
+        for name, (quantized_weights, matmul) in formats.items():
+            seconds = best_seconds(lambda x, weight, out, matmul=matmul: matmul(x, *weight, out),
+                                   quantized_weights, rows)
             size = sum(a.nbytes for weight in quantized_weights for a in weight)
             line += (f", {name} {size / seconds / 1e9:5.1f} GB/s ({seconds * 1e3:6.1f} ms, "
                      f"x{kernel / seconds:.2f} float32's)")
