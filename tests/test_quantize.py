@@ -92,7 +92,7 @@ def test_the_embedded_gguf_quantized_by_gptq_to_4_bits_still_names_paris(tmp_pat
     assert "Paris" in output.outputs[0].text
 
 
-def test_gptq_output_loads_generates_and_is_closer_to_torch_than_rtn(tiny_llama, tmp_path):  # noqa: F811
+def test_gptq_output_loads_and_its_logits_are_closer_to_torch_than_rtn(tiny_llama, tmp_path):  # noqa: F811
     rng = np.random.default_rng(5)
     calibration = rng.integers(3, 320, (16, 32))
     ids = rng.integers(3, 320, (4, 24)).tolist()  # held out from the calibration
