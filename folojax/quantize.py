@@ -23,14 +23,13 @@ from tqdm.auto import tqdm
 
 from folojax.quant_methods import QuantizedWeight, gptq_quantize, rtn_quantize
 from folojax.weights.gptq import SUPPORTED_BITS
-from folojax.weights.params import expected_shapes
+from folojax.weights.params import LAYER_LINEARS, expected_shapes
 from folojax.weights.quantized import dense
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq")
-QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+QUANTIZED_LINEARS = tuple(part for parts in LAYER_LINEARS.values() for part in parts)
 # GPTQ's calibration, by default: 128 segments (as the GPTQ paper takes) of 256 tokens.
 CALIBRATION_SAMPLES = 128
 CALIBRATION_LENGTH = 256
@@ -145,9 +144,6 @@ def gptq_linears(checkpoint, calibration_ids: np.ndarray, bits: int, group_size:
     batches = [jnp.asarray(ids[i:i + _CALIBRATION_BATCH], jnp.int32)
                for i in range(0, len(ids), _CALIBRATION_BATCH)]
     hidden = [embedding_rows(params.embed, batch, jnp.float32) for batch in batches]
-    parts = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-             "down": ("mlp.down_proj",)}
     shapes = expected_shapes(config)
     quantized = {}
     layers = tqdm(params.layers, desc=f"GPTQ on {ids.size} tokens", unit="layer",
@@ -161,7 +157,7 @@ def gptq_linears(checkpoint, calibration_ids: np.ndarray, bits: int, group_size:
             layer = with_layer_linear(layer, group, Linear(jnp.asarray(result.dequantize()),
                                                            weight.bias))
             start = 0
-            for part in parts[group]:  # fused rows split back (GPTQ rounds each row alone)
+            for part in LAYER_LINEARS[group]:  # fused rows split back (GPTQ rounds each row alone)
                 name = f"model.layers.{index}.{part}"
                 rows = shapes[f"{name}.weight"][0]
                 quantized[name] = result.rows(start, start + rows)

@@ -3,9 +3,7 @@ folojax/ops/int8_matmul.py) against numpy: the activations quantized as document
 sums exact, the scales applied; its layout, XLA's path, the embedding lookup, and the kernel's
 other instruction paths (AVX2, AVX-512 without VNNI, portable C++) built for this CPU."""
 
-import pathlib
 import platform
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -137,29 +135,18 @@ def test_a_row_does_not_depend_on_its_batch():
 _ARCHES = {"x86-64-v4": ("avx512bw", "avx512vl"), "x86-64-v3": ("avx2", "fma"), "x86-64": ()}
 
 
-def _cpu_has(flags: tuple[str, ...]) -> bool:
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return all(flag in line.split() for flag in flags)
-
-
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 paths")
 @pytest.mark.parametrize("arch", sorted(_ARCHES))
-def test_every_instruction_path_equals_the_reference(arch, tmp_path):
-    if not _cpu_has(_ARCHES[arch]):
+def test_every_instruction_path_equals_the_reference(arch):
+    if not all(flag in cpu_kernels.cpu_flags().split() for flag in _ARCHES[arch]):
         pytest.skip(f"this CPU cannot run {arch}")
     try:
-        cxx = cpu_kernels.compiler()
+        cpu_kernels.compiler()
     except cpu_kernels.KernelBuildError as error:
         pytest.skip(str(error))
-    library = tmp_path / f"int8_{arch}.so"
-    flags = [flag for flag in cpu_kernels.FLAGS if not flag.startswith("-march")]
-    subprocess.run([cxx, *flags, f"-march={arch}", "-I", jax.ffi.include_dir(),
-                    str(cpu_kernels.SOURCE_DIR / "int8_matmul.cc"), "-o", str(library)],
-                   check=True, capture_output=True)
+    flags = tuple(f"-march={arch}" if flag.startswith("-march") else flag
+                  for flag in cpu_kernels.FLAGS)
+    library = cpu_kernels.build((cpu_kernels.SOURCE_DIR / "int8_matmul.cc",), flags)
     import ctypes
 
     target = f"folojax_int8_matmul_{arch.replace('-', '_')}"

@@ -59,7 +59,8 @@ def cache_dir() -> pathlib.Path:
     return cache_root() / "kernels"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The flags line of /proc/cpuinfo (empty where there is none)."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -77,12 +78,14 @@ def compiler() -> str:
     return path
 
 
-def build(sources: tuple[pathlib.Path, ...] = SOURCES) -> pathlib.Path:
-    """One shared library of `sources`, compiled unless the cache already holds it."""
+def build(sources: tuple[pathlib.Path, ...] = SOURCES, flags: tuple[str, ...] = FLAGS
+          ) -> pathlib.Path:
+    """One shared library of `sources`, compiled with `flags` unless the cache already holds
+    it."""
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([*(path.read_text() for path in (*sources, *HEADERS)),
-                                    " ".join(FLAGS), version, jaxlib.__version__, _cpu_flags()]
+                                    " ".join(flags), version, jaxlib.__version__, cpu_flags()]
                                    ).encode()).hexdigest()
     library = cache_dir() / f"folojax-kernels-{key[:16]}.so"
     if library.exists():
@@ -92,10 +95,10 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         objects = [pathlib.Path(scratch) / f"{source.stem}.o" for source in sources]
         # The sources compile side by side (one compiler process each), then link.
-        _run_all([[cxx, *FLAGS, "-c", "-I", jax.ffi.include_dir(), str(source), "-o", str(obj)]
+        _run_all([[cxx, *flags, "-c", "-I", jax.ffi.include_dir(), str(source), "-o", str(obj)]
                   for source, obj in zip(sources, objects, strict=True)])
         partial = pathlib.Path(scratch) / library.name
-        _run_all([[cxx, *FLAGS, *map(str, objects), "-o", str(partial)]])
+        _run_all([[cxx, *flags, *map(str, objects), "-o", str(partial)]])
         os.replace(partial, library)
     logger.info("built %s", library)
     return library

@@ -32,6 +32,12 @@ from folojax.weights.quantized import (
     quantize_int8_per_channel,
 )
 
+# Each linear of a layer in the params pytree: the Hugging Face projections whose rows it
+# stacks, in that order.
+LAYER_LINEARS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+                 "down": ("mlp.down_proj",)}
+
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face tensor name -> shape, for every tensor the params pytree needs."""
@@ -142,14 +148,14 @@ def build_params(
 
     def layer(index: int) -> LayerWeights:
         prefix = f"model.layers.{index}."
-        qkv = tuple(f"self_attn.{name}_proj" for name in "qkv")
+        qkv = LAYER_LINEARS["qkv"]
         attention = AttentionWeights(
             qkv=linear(fused(prefix, qkv, "weight"),
                        fused(prefix, qkv, "bias") if config.attention_bias else None),
             o=linear(arrays[prefix + "self_attn.o_proj.weight"]),
             q_norm=floats(prefix + "self_attn.q_norm.weight") if config.use_qk_norm else None,
             k_norm=floats(prefix + "self_attn.k_norm.weight") if config.use_qk_norm else None)
-        mlp = MLPWeights(gate_up=linear(fused(prefix, ("mlp.gate_proj", "mlp.up_proj"), "weight")),
+        mlp = MLPWeights(gate_up=linear(fused(prefix, LAYER_LINEARS["gate_up"], "weight")),
                          down=linear(arrays[prefix + "mlp.down_proj.weight"]))
         return LayerWeights(
             input_norm=floats(prefix + "input_layernorm.weight"), attention=attention,

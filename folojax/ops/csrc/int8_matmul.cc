@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "panel_tile.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -36,7 +37,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 64;           // output columns per panel
+using folojax::kPanel;                   // output columns per panel, as the float kernel's
 constexpr int64_t kQuadBytes = kPanel * 4;  // one quad of depths across a panel
 constexpr int64_t kBlock = 32;           // depths per activation scale
 constexpr int64_t kBlockQuads = kBlock / 4;
