@@ -88,14 +88,15 @@ def workload(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -
     return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
 
 
-def bench_llm(model, prompts, max_tokens: int, repeats: int, name: str = "folojax LLM"
-              ) -> BenchResult:
+def bench_llm(model, prompts, max_tokens: int, repeats: int, name: str = "folojax LLM",
+              num_scheduler_steps: int = 1) -> BenchResult:
     """The same workload through folojax.LLM (the engine), on the already loaded model."""
     from folojax.engine.llm import LLM
 
     # No prefix caching: the repeated runs would otherwise find their prompts cached.
     llm = LLM.from_model(model, max_model_len=len(prompts[0]) + max_tokens,
-                         max_num_seqs=len(prompts), enable_prefix_caching=False)
+                         max_num_seqs=len(prompts), enable_prefix_caching=False,
+                         num_scheduler_steps=num_scheduler_steps)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
 
@@ -186,11 +187,12 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
 def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
               prompt_len: int = 128, max_tokens: int = 64, repeats: int = 3,
               compare_hf: bool = False, quantizations: tuple[str, ...] = ("auto",),
-              compare_llama_cpp: bool = False) -> tuple[list[BenchResult], StreamingLimit]:
-    """folojax.generate and folojax.LLM for each of `quantizations` (load_model's choices, each
-    loaded in turn), then transformers (compare_hf) and llama.cpp (compare_llama_cpp, on the
-    same GGUF file) on the workload, and the machine's weight-streaming limit for the first
-    choice's weights."""
+              compare_llama_cpp: bool = False, num_scheduler_steps: int = 1
+              ) -> tuple[list[BenchResult], StreamingLimit]:
+    """folojax.generate and folojax.LLM (with num_scheduler_steps) for each of `quantizations`
+    (load_model's choices, each loaded in turn), then transformers (compare_hf) and llama.cpp
+    (compare_llama_cpp, on the same GGUF file) on the workload, and the machine's
+    weight-streaming limit for the first choice's weights."""
     if max_tokens < 2:
         raise ValueError("bench needs max_tokens >= 2 to measure decoding")
     for quantization in quantizations:
@@ -208,7 +210,8 @@ def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
             limit = StreamingLimit(weight_bytes, measure_streaming_rate(weight_bytes))
         suffix = "" if len(quantizations) == 1 else f" [{quantization}]"
         results += [bench_folojax(model, prompts, max_tokens, repeats, "folojax" + suffix),
-                    bench_llm(model, prompts, max_tokens, repeats, "folojax LLM" + suffix)]
+                    bench_llm(model, prompts, max_tokens, repeats, "folojax LLM" + suffix,
+                              num_scheduler_steps)]
         del model
     if compare_hf:
         results.append(bench_transformers(path, np.dtype(resolve_dtype(dtype)).name, prompts,

@@ -238,8 +238,9 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
                          max_num_seqs: int = 256, max_num_batched_tokens: int = 1024,
                          prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1,
-                         quantizations: tuple[str, ...] = ("auto",)):
-    """The workload through LLM once per choice of `quantizations` (load_model's), and
+                         quantizations: tuple[str, ...] = ("auto",), num_scheduler_steps: int = 1):
+    """The workload through LLM (with num_scheduler_steps) once per choice of `quantizations`
+    (load_model's), and
     (compare_hf) through transformers, in interleaved rounds; then the prefix-cache TTFT with
     the first choice."""
     from folojax.weights.loader import resolve_dtype
@@ -256,7 +257,7 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
         return LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
                    max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, quantization=quantization,
-                   **kwargs)
+                   num_scheduler_steps=num_scheduler_steps, **kwargs)
 
     runners, stop, prompts = [], None, None
     for quantization in quantizations:

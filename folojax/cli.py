@@ -76,7 +76,8 @@ def _check_serve(args) -> str | None:
     _one_quantization(args.quantization)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
-    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                 "num_scheduler_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -108,7 +109,7 @@ def _serve(args) -> int:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
               warmup=args.warmup, padded_steps_before_compile=1,
-              quantization=args.quantization)
+              quantization=args.quantization, num_scheduler_steps=args.num_scheduler_steps)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)
@@ -121,7 +122,8 @@ def _check_bench(args) -> None:
     if args.first_call and args.quantization != "auto":
         raise ValueError("bench --first-call times LLM's defaults: it takes no --quantization")
     for name in ("batch_size", "prompt_len", "max_tokens", "repeats", "num_requests",
-                 "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens"):
+                 "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens",
+                 "num_scheduler_steps"):
         value = getattr(args, name)
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -200,10 +202,12 @@ def _bench(args) -> int:
 
     results, limit = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
                                args.max_tokens, args.repeats, args.compare_hf,
-                               _quantizations(args.quantization), args.compare_llama_cpp)
+                               _quantizations(args.quantization), args.compare_llama_cpp,
+                               args.num_scheduler_steps)
     print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
           f"quantization={args.quantization} batch={args.batch_size} "
-          f"prompt_len={args.prompt_len} max_tokens={args.max_tokens}")
+          f"prompt_len={args.prompt_len} max_tokens={args.max_tokens} "
+          f"num_scheduler_steps={args.num_scheduler_steps}")
     print(format_results(results, limit))
     return 0
 
@@ -217,12 +221,13 @@ def _bench_throughput(args) -> int:
     results, prefix = run_throughput_bench(
         args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
         args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
-        args.compare_hf, args.repeats, _quantizations(args.quantization))
+        args.compare_hf, args.repeats, _quantizations(args.quantization),
+        args.num_scheduler_steps)
     print(f"model={args.model} dtype={args.dtype} quantization={args.quantization} "
           f"requests={args.num_requests} "
           f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
           f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
-          f"rounds={args.repeats}")
+          f"num_scheduler_steps={args.num_scheduler_steps} rounds={args.repeats}")
     print(format_throughput(results, prefix))
     return 0
 
@@ -293,6 +298,12 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     _add_quantization_argument(command)
 
 
+def _add_num_scheduler_steps_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--num-scheduler-steps", type=int, default=1,
+                         help="decode tokens per request in one dispatch while every running "
+                              "request decodes and none waits (the same outputs)")
+
+
 def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantization", default="auto",
                          help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors and a GPTQ checkpoint "
@@ -341,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help="tokens computed per step; none: LLM's default")
     serve.add_argument("--seed", type=int, default=0, help="the engine's seed (unseeded requests)")
+    _add_num_scheduler_steps_argument(serve)
     serve.add_argument("--no-enable-prefix-caching", action="store_true",
                        help="turn prefix caching off")
     serve.add_argument("--warmup", action="store_true",
@@ -381,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--throughput: requests running at once")
     bench.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="--throughput: tokens computed per step")
+    _add_num_scheduler_steps_argument(bench)
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared prefix for the prefix-caching TTFT figure (0 = skip)")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000/v1",

@@ -203,9 +203,14 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True  # split prompts longer than the budget over steps
     # Schedule and dispatch step N+1 before reading step N's tokens back (see LLMEngine.step).
     async_scheduling: bool = True
+    # Decode tokens one dispatch computes for each request when a step only decodes and nothing
+    # waits (vLLM v0's multi-step scheduling): the host's per-step work is spent once per this
+    # many tokens. A request may compute up to this many - 1 tokens past a stop it meets.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self):
-        _check_positive_ints(self, "max_num_seqs", "max_num_batched_tokens")
+        _check_positive_ints(self, "max_num_seqs", "max_num_batched_tokens",
+                             "num_scheduler_steps")
 
 
 @dataclasses.dataclass(frozen=True)

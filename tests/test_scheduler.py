@@ -21,7 +21,7 @@ def make_scheduler(num_blocks=64, block_size=4, budget=16, max_num_seqs=8, chunk
 def run_step(scheduler, token=7):
     """Schedules one step and feeds back `token` for every request that samples."""
     output = scheduler.schedule()
-    sampled = {s.request.request_id: (token, None) for s in output.scheduled if s.samples}
+    sampled = {s.request.request_id: [(token, None)] for s in output.scheduled if s.samples}
     finished = scheduler.update(output, sampled, make_children=lambda parent: [])
     return {s.request.request_id: s.num_new_tokens for s in output.scheduled}, output, finished
 
@@ -119,7 +119,7 @@ def test_abort_frees_the_blocks_at_once():
 
 def feed(scheduler, output, token=7):
     """Reads one scheduled step's tokens back: `token` for every request that samples."""
-    sampled = {s.request.request_id: (token, None) for s in output.scheduled if s.samples}
+    sampled = {s.request.request_id: [(token, None)] for s in output.scheduled if s.samples}
     return scheduler.update(output, sampled, make_children=lambda parent: [])
 
 
@@ -180,7 +180,7 @@ def test_a_request_preempted_with_its_first_token_in_flight_forks_into_the_queue
     assert counts(second) == {"b": 1} and second.preempted == [a]
     assert a.status == RequestStatus.PREEMPTED and a.num_output_placeholders == 1
     child = make_request("a-child", list(range(11)), max_tokens=2)
-    sampled = {"b": (7, None), "a": (8, None)}
+    sampled = {"b": [(7, None)], "a": [(8, None)]}
     scheduler.update(first, sampled, make_children=lambda parent: [child])
     # a keeps its token; its child waits behind it, to compute the prompt itself.
     assert a.output_token_ids == [8] and a.num_output_placeholders == 0
@@ -194,3 +194,53 @@ def test_a_request_preempted_with_its_first_token_in_flight_forks_into_the_queue
     assert not scheduler.has_unfinished_requests() and in_flight is None
     assert [r.output_token_ids for r in (b, a, child)] == [[7, 7], [8, 7], [7, 7]]
     assert scheduler.kv_cache_manager.pool.num_free_blocks == 4
+
+
+def test_decode_steps_run_while_all_decode_and_none_waits():
+    """num_scheduler_steps=4: after the prompts, steps of 4 tokens per request, shortened to the
+    fewest outputs any request may still produce; the tokens past a stop are dropped."""
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, num_scheduler_steps=4)
+    scheduler = Scheduler(config, KVCacheManager(64, 4, enable_prefix_caching=False))
+    a, b = (make_request(name, [1, 2, 3], max_tokens=n) for name, n in (("a", 10), ("b", 7)))
+    for request in (a, b):
+        scheduler.add_request(request)
+    prompts = scheduler.schedule()
+    assert prompts.num_steps == 1
+    feed(scheduler, prompts)
+    steps = []
+    for _ in range(10):
+        if not scheduler.has_unfinished_requests():
+            break
+        output = scheduler.schedule()
+        steps.append(output.num_steps)
+        assert all(s.num_new_tokens == 1 and s.samples for s in output.scheduled)
+        tokens = [(7, None)] * output.num_steps
+        scheduler.update(output, {s.request.request_id: tokens for s in output.scheduled},
+                         make_children=lambda parent: [])
+    # b: 1 + 4 + 2 outputs; a, alone then, the 3 it has left
+    assert steps == [4, 2, 3]
+    assert (a.num_output_tokens, b.num_output_tokens) == (10, 7) and a.finished and b.finished
+    assert scheduler.kv_cache_manager.pool.num_free_blocks == 64
+
+
+def test_decode_steps_fall_back_to_single_steps():
+    """A waiting request (here: no room to admit it), a prompt still computing, or a pool too
+    small for the steps' tokens: a single step."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16, num_scheduler_steps=4)
+    scheduler = Scheduler(config, KVCacheManager(64, 4, enable_prefix_caching=False))
+    scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=20))
+    scheduler.add_request(make_request("b", [1, 2], max_tokens=20))
+    feed(scheduler, scheduler.schedule())
+    assert scheduler.schedule().num_steps == 1  # b waits
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, num_scheduler_steps=4)
+    scheduler = Scheduler(config, KVCacheManager(2, 4, enable_prefix_caching=False))
+    request = make_request("c", [1, 2, 3], max_tokens=20)
+    scheduler.add_request(request)
+    feed(scheduler, scheduler.schedule())  # 3 prompt tokens + 1 output: block 1 full
+    output = scheduler.schedule()  # 4 tokens would need positions 3..6: 2 blocks, both free
+    assert output.num_steps == 4
+    feed_tokens = {"c": [(7, None)] * 4}
+    scheduler.update(output, feed_tokens, make_children=lambda parent: [])
+    # 8 tokens now, 7 computed: 4 more would need a third block; one more fits
+    output = scheduler.schedule()
+    assert output.num_steps == 1 and counts(output) == {"c": 1}

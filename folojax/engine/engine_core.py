@@ -46,14 +46,16 @@ class EngineCore:
         """Runs one step; returns the requests whose next token was read back in this call (in
         their sampling order; finished ones included). With async scheduling those are the
         previous call's step's, and the first call returns none. A request that finishes in
-        step N has computed one more token in step N+1; it is dropped."""
+        step N has computed one more token in step N+1; it is dropped. A step of several tokens
+        per request (num_scheduler_steps) is read back in the call that dispatches it, after the
+        step before it."""
         previous, self._in_flight = self._in_flight, None
         current = self._dispatch(previous)
         advanced = self._finish(previous) if previous is not None else []
-        if current is not None and self.async_scheduling:
+        if current is not None and self.async_scheduling and current.output.num_steps == 1:
             self._in_flight = current
         elif current is not None:
-            advanced = self._finish(current)
+            advanced = list(dict.fromkeys(advanced + self._finish(current)))
         return advanced
 
     def _dispatch(self, previous: StepResult | None) -> StepResult | None:
@@ -74,7 +76,8 @@ class EngineCore:
         requests = step.batch.sampling_requests
         sampled = dict(zip((r.request_id for r in requests),
                            read_sampled(step.tokens, step.logprobs,
-                                        [r.sampling.logprobs for r in requests]),
+                                        [r.sampling.logprobs for r in requests],
+                                        step.output.num_steps),
                            strict=True))
         if step.prompt_logprobs is not None:
             read_prompt_logprobs(step.batch.prompt_logprob_entries, step.prompt_logprobs)

@@ -51,6 +51,10 @@ class LLM:
         chunked prefill).
       async_scheduling: schedule and dispatch each step before reading back the previous one's
         tokens (the same outputs; the host works while the device runs).
+      num_scheduler_steps: decode tokens computed per request in one dispatch while every
+        running request decodes and none waits (vLLM v0's multi-step scheduling; the same
+        outputs). The host's work per step is then spent once per that many tokens; a request
+        computes up to that many - 1 tokens past a stop it meets, which are dropped.
       max_logprobs: the most top-N logprobs a request may ask for.
       background_compile: a step of a shape not compiled yet runs padded to a compiled shape
         that covers it; once its shape has come back a few times, it compiles in a background
@@ -68,11 +72,13 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool = True, max_logprobs: int = 20,
-                 background_compile: bool = True, padded_steps_before_compile: int = 8,
+                 async_scheduling: bool = True, num_scheduler_steps: int = 1,
+                 max_logprobs: int = 20, background_compile: bool = True,
+                 padded_steps_before_compile: int = 8,
                  warmup: bool = False, quantization: str = "auto"):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
-                           padded_steps_before_compile=padded_steps_before_compile)
+                           padded_steps_before_compile=padded_steps_before_compile,
+                           num_scheduler_steps=num_scheduler_steps)
         check_quantization(quantization)
         self.model = model if isinstance(model, Model) else load_model(
             model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer,
@@ -91,7 +97,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
-                                      async_scheduling=async_scheduling),
+                                      async_scheduling=async_scheduling,
+                                      num_scheduler_steps=num_scheduler_steps),
             max_model_len=max_model_len,
             dtype=np.dtype(self.model.dtype).name,
             kv_cache=kv_cache,
@@ -190,9 +197,14 @@ class LLM:
         return [finished[r["request_id"]] for r in requests]
 
 
-def _check_engine_args(seed, max_model_len, max_logprobs, padded_steps_before_compile) -> None:
+def _check_engine_args(seed, max_model_len, max_logprobs, padded_steps_before_compile,
+                       num_scheduler_steps) -> None:
     """The checks that need no model, made before it loads."""
     validate_seed(seed, "LLM")
+    if (isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int)
+            or num_scheduler_steps < 1):
+        raise ValueError("num_scheduler_steps must be a positive int, got "
+                         f"{num_scheduler_steps!r}")
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(
             max_model_len, int) or max_model_len <= 0):
         raise ValueError(f"max_model_len must be a positive int or None, got {max_model_len!r}")

@@ -122,6 +122,15 @@ class Request:
         return self.num_output_placeholders > 0 and self.reaches_length(
             self.num_output_tokens + self.num_output_placeholders)
 
+    @property
+    def num_outputs_left(self) -> int | float:
+        """Outputs it may still produce after those read back and in flight, by max_tokens and
+        its room (inf with neither)."""
+        num_outputs = self.num_output_tokens + self.num_output_placeholders
+        max_tokens = self.sampling.max_tokens
+        by_room = self.max_total_len - self.num_prefix_tokens - self.num_prompt_tokens
+        return min(by_room, float("inf") if max_tokens is None else max_tokens) - num_outputs
+
     def reaches_length(self, num_outputs: int) -> bool:
         """Whether `num_outputs` outputs reach max_tokens or fill the positions it may fill."""
         max_tokens = self.sampling.max_tokens
@@ -195,19 +204,27 @@ class Request:
                               else 0.0)
 
 
-def read_sampled(tokens, logprobs, num_logprobs: list[int | None]) -> list[tuple[int, dict | None]]:
-    """Reads one step's sampled tokens back from the device: per row, (token id, {token id:
-    logprob} of its top num_logprobs[row] and of the token itself, or None if not asked)."""
+def read_sampled(tokens, logprobs, num_logprobs: list[int | None], num_steps: int = 1
+                 ) -> list[list[tuple[int, dict | None]]]:
+    """Reads one step's sampled tokens back from the device: per row, per token it sampled (the
+    first num_steps of a multi-step step's [steps, rows] tokens), (token id, {token id: logprob}
+    of its top num_logprobs[row] and of the token itself, or None if not asked)."""
     tokens = np.asarray(tokens)
     if logprobs is not None:
         chosen, top_ids, top_values = (np.asarray(a) for a in logprobs)
+    if tokens.ndim == 1:  # a step of one token per row
+        tokens = tokens[None]
+        if logprobs is not None:
+            chosen, top_ids, top_values = chosen[None], top_ids[None], top_values[None]
     rows = []
     for row, n in enumerate(num_logprobs):
-        step_logprobs = None
-        if n is not None:
-            step_logprobs = _logprobs_dict(int(tokens[row]), chosen[row], top_ids[row, :n],
-                                           top_values[row, :n])
-        rows.append((int(tokens[row]), step_logprobs))
+        row_tokens = []
+        for step in range(num_steps):
+            token = int(tokens[step, row])
+            step_logprobs = None if n is None else _logprobs_dict(
+                token, chosen[step, row], top_ids[step, row, :n], top_values[step, row, :n])
+            row_tokens.append((token, step_logprobs))
+        rows.append(row_tokens)
     return rows
 
 

@@ -10,6 +10,10 @@ prompt and the tokens it already produced. The output is plain data; nothing her
 Scheduling a step counts its tokens as computed at once, and a token it samples as a placeholder,
 so the next step can be scheduled before this one's tokens are read back (async scheduling): a
 decode row then takes its input token from the step in flight. `update` reads the tokens in.
+
+With num_scheduler_steps = k > 1, a step in which every running request decodes and none waits
+computes up to k tokens per request in one dispatch (each row feeds its sampled token back on the
+device), and counts them all as computed and in flight at once.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     block_copies: list[BlockCopy]  # copy-on-write, performed on the device before the step
     preempted: list[Request]
+    # Tokens each request computes and samples: 1, or for a step of decodes alone up to
+    # num_scheduler_steps (each scheduled request then has one input token, and samples).
+    num_steps: int = 1
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -69,9 +76,12 @@ class Scheduler:
         return None
 
     def schedule(self) -> SchedulerOutput:
+        copies: list[BlockCopy] = []
+        decode_steps = self._schedule_decode_steps(copies)
+        if decode_steps is not None:
+            return decode_steps
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        copies: list[BlockCopy] = []
         preempted: list[Request] = []
         index = 0
         while index < len(self.running) and budget > 0:
@@ -98,6 +108,31 @@ class Scheduler:
         if not preempted:  # a pool that just ran out admits nobody new
             budget = self._admit_waiting(budget, scheduled)
         return SchedulerOutput(scheduled, copies, preempted)
+
+    def _schedule_decode_steps(self, copies: list[BlockCopy]) -> SchedulerOutput | None:
+        """A step of several decode tokens per request (num_scheduler_steps), if every running
+        request decodes, none waits or forks, each may produce two more outputs at least, and
+        the pool holds their tokens without a preemption; else None. The step's length is the
+        fewest outputs any of them may still produce, up to num_scheduler_steps. `copies` gets
+        the block copies of the slots allocated, even when it returns None."""
+        if self.config.num_scheduler_steps == 1 or self.waiting:
+            return None
+        requests = [r for r in self.running if not r.finishes_in_flight]
+        if not requests or len(requests) > self.config.max_num_batched_tokens or any(
+                r.num_tokens_with_placeholders - r.num_computed_tokens != 1
+                or r.num_output_placeholders > 1 or r.num_children_to_fork for r in requests):
+            return None
+        num_steps = min(self.config.num_scheduler_steps,
+                        *(r.num_outputs_left for r in requests))
+        if num_steps < 2:
+            return None
+        for request in requests:
+            result = self.kv_cache_manager.allocate_slots(request, num_steps)
+            if result is None:
+                return None
+            copies += result
+        return SchedulerOutput([_schedule(r, 1, num_steps) for r in requests], copies, [],
+                               num_steps)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0:
@@ -137,12 +172,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict | None]],
+    def update(self, output: SchedulerOutput,
+               sampled: dict[str, list[tuple[int, dict | None]]],
                make_children: Callable[[Request], list[Request]]) -> list[Request]:
-        """Reads a step's sampled tokens in (`sampled`: request id -> (token, logprobs)), offers
-        newly full blocks to the prefix cache, and forks requests whose prompt just completed.
-        Returns the requests that finished. A request that finished or was aborted after the
-        step was scheduled drops its token."""
+        """Reads a step's sampled tokens in (`sampled`: request id -> its output.num_steps
+        (token, logprobs) pairs), offers newly full blocks to the prefix cache, and forks
+        requests whose prompt just completed. Returns the requests that finished. A request that
+        finished or was aborted after the step was scheduled drops its tokens, and one that
+        finishes at a token drops those after it."""
         finished = []
         for item in output.scheduled:
             request = item.request
@@ -152,14 +189,16 @@ class Scheduler:
                 self.kv_cache_manager.cache_blocks(request)
             if not item.samples:
                 continue
-            request.num_output_placeholders -= 1
             if request.num_children_to_fork:
                 self._fork(request, make_children(request))
-            request.append_token(*sampled[request.request_id])
-            if request.finished:  # running, or waiting if preempted with its token in flight
-                (self.running if request in self.running else self.waiting).remove(request)
-                self.kv_cache_manager.free(request)
-                finished.append(request)
+            for token in sampled[request.request_id]:
+                request.num_output_placeholders -= 1
+                request.append_token(*token)
+                if request.finished:  # running, or waiting if preempted with a token in flight
+                    (self.running if request in self.running else self.waiting).remove(request)
+                    self.kv_cache_manager.free(request)
+                    finished.append(request)
+                    break
         return finished
 
     def _fork(self, parent: Request, children: list[Request]) -> None:
@@ -181,11 +220,12 @@ class Scheduler:
             self.running.append(child)
 
 
-def _schedule(request: Request, num_new_tokens: int) -> ScheduledRequest:
-    """Schedules the request's next tokens; they count as computed from now on, and a token the
-    step samples as a placeholder until it is read back."""
+def _schedule(request: Request, num_new_tokens: int, num_steps: int = 1) -> ScheduledRequest:
+    """Schedules the request's next tokens; they count as computed from now on, and the tokens
+    the step samples as placeholders until they are read back. A step of num_steps > 1 decodes
+    (num_new_tokens 1) that many tokens, each sampled one the input of the next."""
     start = request.num_computed_tokens
     samples = start + num_new_tokens == request.num_tokens_with_placeholders
-    request.num_computed_tokens += num_new_tokens
-    request.num_output_placeholders += samples
+    request.num_computed_tokens += num_new_tokens + num_steps - 1
+    request.num_output_placeholders += samples * num_steps
     return ScheduledRequest(request, num_new_tokens, start, samples)

@@ -1,7 +1,8 @@
 """The device step: the decoder over a flat batch of decode rows and prefill chunks, reading and
 writing the paged cache, then either sampling (paged_step, for generation) or returning logits
-(paged_logits, for folojax.prefill and decode_step). Both are jitted once per shape bucket and
-donate the cache; the logits never leave the device in paged_step.
+(paged_logits, for folojax.prefill and decode_step); paged_decode_steps runs several decode steps
+in a device loop, each feeding its sampled tokens to the next. Each is jitted once per shape
+bucket and donates the cache; the logits never leave the device in paged_step.
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ from folojax.model.decoder import count_compile, decoder_layers, lm_head
 from folojax.ops.paged_attention import ChunkSizes, paged_attention
 from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
 from folojax.ops.sampling import SamplerFlags, SamplerState, sample, token_logprobs
-from folojax.ops.step_inputs import SamplerInputs, StepInputs
+from folojax.ops.step_inputs import DecodeStepsInputs, SamplerInputs, StepInputs
 
 
 def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepInputs,
@@ -107,6 +108,50 @@ def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: Sampler
     tokens, logprobs, _ = sample(logits[:num_rows], tensors, state, flags)
     tokens = jnp.zeros_like(previous_tokens).at[:tokens.shape[0]].set(tokens)
     return tokens, logprobs, prompt_logprobs, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags", "chunks"),
+                   donate_argnames=("cache",))
+def paged_decode_steps(params, cache: PagedKVCache, inputs: StepInputs, steps: DecodeStepsInputs,
+                       sampler: SamplerInputs, previous_tokens, config: ModelConfig,
+                       flags: SamplerFlags, chunks: ChunkSizes):
+    """paged_step's decode rows, `steps.num_steps` times in a device loop: step i runs each row
+    at its position + i on the token step i - 1 sampled. Returns (tokens [max steps, rows],
+    logprobs (each with a leading [max steps]) or None, new cache); steps past num_steps are
+    zeros. Donates `cache`. A row samples as paged_step would at each output index, so its
+    tokens are the same as those of single steps."""
+    count_compile("paged_decode_steps")
+    max_steps, num_rows = steps.slot_mapping.shape
+    if inputs.tile_token_indices.shape[0] or inputs.sample_indices.shape[0] != num_rows:
+        raise ValueError("paged_decode_steps runs decode rows alone, each sampling")
+    inputs = _with_in_flight_tokens(inputs, previous_tokens)
+    tensors = dataclasses.replace(sampler.tensors,
+                                  keys=jax.random.wrap_key_data(sampler.tensors.keys))
+    state = _sampler_state(sampler, previous_tokens, config.vocab_size, flags)
+
+    def step(i, carry):
+        cache, token_ids, state, tokens, logprobs = carry
+        step_inputs = dataclasses.replace(
+            inputs, token_ids=token_ids, slot_mapping=steps.slot_mapping[i],
+            positions=jnp.where(inputs.positions >= 0, inputs.positions + i, -1))
+        hidden, cache = paged_hidden(params, config, cache, step_inputs, chunks)
+        sampled, step_logprobs, state = sample(lm_head(params, hidden), tensors, state, flags)
+        tokens = tokens.at[i].set(sampled)
+        if logprobs is not None:
+            logprobs = tuple(a.at[i].set(b) for a, b in zip(logprobs, step_logprobs,
+                                                            strict=True))
+        return cache, sampled, state, tokens, logprobs
+
+    logprobs = None
+    if flags.num_logprobs is not None:
+        n = flags.num_logprobs
+        logprobs = (jnp.zeros((max_steps, num_rows), jnp.float32),
+                    jnp.zeros((max_steps, num_rows, n), jnp.int32),
+                    jnp.zeros((max_steps, num_rows, n), jnp.float32))
+    tokens = jnp.zeros((max_steps, num_rows), jnp.int32)
+    cache, _, _, tokens, logprobs = jax.lax.fori_loop(
+        0, steps.num_steps, step, (cache, inputs.token_ids, state, tokens, logprobs))
+    return tokens, logprobs, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunks"), donate_argnames=("cache",))

@@ -50,6 +50,17 @@ class StepInputs:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class DecodeStepsInputs:
+    """A step of decode rows alone that computes `num_steps` tokens per row in one dispatch, each
+    row's sampled token the input of its next (the scheduler's num_scheduler_steps). Step i runs
+    StepInputs' rows at their positions + i; their work items reach the last step's position."""
+
+    slot_mapping: np.ndarray  # [max steps, rows]: the cache slot of each row's token at step i
+    num_steps: np.ndarray  # [] int32: the steps to run, at most max steps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class SamplerInputs:
     """Per sampling row: parameters, key data (uint32 [2]) and what penalties and min_tokens
     need, as token-id lists padded with vocab_size (out of range: ignored on device)."""

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
-from folojax.model.step import paged_logits, paged_step
+from folojax.model.step import paged_decode_steps, paged_logits, paged_step
 from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks
 from folojax.ops.sampling import SamplerFlags
@@ -193,12 +193,31 @@ class ModelRunner:
             self.cache = copy_blocks(self.cache, *_copy_block_arrays(output.block_copies,
                                                                      self.cache.num_blocks))
         previous_tokens = previous.tokens if previous is not None else self._no_tokens
-        batch = self._compiled_shape(self.prepare(output, block_tables, previous), output,
-                                     block_tables, previous, previous_tokens)
+        batch = self.prepare(output, block_tables, previous)
+        if batch.decode_steps is not None:
+            return self._execute_decode_steps(output, batch, previous_tokens)
+        batch = self._compiled_shape(batch, output, block_tables, previous, previous_tokens)
         tokens, logprobs, prompt_logprobs, self.cache = paged_step(
             self.params, self.cache, batch.inputs, batch.sampler, previous_tokens, self.config,
             batch.flags, self.chunks)
         return StepResult(output, batch, tokens, logprobs, prompt_logprobs)
+
+    def _execute_decode_steps(self, output: SchedulerOutput, batch: StepBatch, previous_tokens
+                              ) -> StepResult:
+        """Dispatches a step of several tokens per row (paged_decode_steps). Its shapes (rows and
+        steps buckets) compile where they are first dispatched, as no padding to another
+        shape's compile applies."""
+        signature = ("decode_steps", *step_signature(batch),
+                     batch.decode_steps.slot_mapping.shape)
+        if signature not in self._compiled:
+            logger.info("decode-steps shape %s compiles where the step is dispatched",
+                        signature[1:])
+            self.num_dispatch_compiles += 1
+            self._compiled.add(signature)
+        tokens, logprobs, self.cache = paged_decode_steps(
+            self.params, self.cache, batch.inputs, batch.decode_steps, batch.sampler,
+            previous_tokens, self.config, batch.flags, self.chunks)
+        return StepResult(output, batch, tokens, logprobs)
 
     def logits(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> jax.Array:
         """Writes the scheduled tokens' keys and values; returns the logits [sampling rows,

@@ -19,7 +19,7 @@ import numpy as np
 
 from folojax.ops.paged_attention import ChunkSizes, WorkItems, chunk_blocks
 from folojax.ops.sampling import SamplerFlags
-from folojax.ops.step_inputs import PREFILL_TILE, SamplerInputs, StepInputs
+from folojax.ops.step_inputs import PREFILL_TILE, DecodeStepsInputs, SamplerInputs, StepInputs
 from folojax.runner.buckets import bucket, stepped_bucket
 from folojax.runner.sampling_inputs import build_sampler, logprobs_bucket
 
@@ -44,6 +44,7 @@ class StepBatch:
     sampling_requests: list[Request]  # sampling row i belongs to sampling_requests[i]
     # Prompt-logprob entry j: (request, index of the prompt token it scores); see StepInputs.
     prompt_logprob_entries: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    decode_steps: DecodeStepsInputs | None = None  # a step of several tokens per row
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -162,6 +163,8 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         tokens = np.arange(first, min(first + PREFILL_TILE, end))
         tile_token_indices[tile, :len(tokens)] = tokens
         token_tile_indices[tokens] = tile * PREFILL_TILE + np.arange(len(tokens))
+    decode_steps = (_decode_steps(output, block_tables, block_size, num_slots, num_rows)
+                    if output.num_steps > 1 else None)
     prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
     tile_positions = prefill_positions[tile_token_indices]
     tile_last_positions = tile_positions[:len(tile_tables)].max(axis=1, initial=-1)
@@ -173,7 +176,8 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
     inputs = StepInputs(
         token_ids, token_sources, positions, slot_mapping,
         decode_items=work_items([block_tables[s.request.request_id] for s in decodes],
-                                positions[:len(decodes)], block_size, chunks.decode,
+                                positions[:len(decodes)] + output.num_steps - 1, block_size,
+                                chunks.decode,
                                 chunks.decode_items,
                                 chunks.work_items_bucket(chunks.decode_items),
                                 keep_a_bucket=num_rows > 0, min_items=floor.decode_items),
@@ -187,12 +191,28 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         prompt_logprob_indices=_padded_column([e[0] for e in prompt_logprobs]),
         prompt_logprob_targets=_padded_column([e[1] for e in prompt_logprobs]))
     sampler, flags = build_sampler(sampling_requests, num_sampling_rows, vocab_size,
-                                   eos_token_ids, in_flight_rows)
+                                   eos_token_ids, in_flight_rows, output.num_steps)
     if prompt_logprobs:
         flags = dataclasses.replace(flags, num_prompt_logprobs=logprobs_bucket(
             max(entry[2].sampling.prompt_logprobs for entry in prompt_logprobs)))
     return StepBatch(inputs, sampler, flags, sampling_requests,
-                     [(request, index) for _, _, request, index in prompt_logprobs])
+                     [(request, index) for _, _, request, index in prompt_logprobs], decode_steps)
+
+
+def _decode_steps(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
+                  num_slots: int, num_rows: int) -> DecodeStepsInputs:
+    """Each decode row's cache slots for its output.num_steps tokens; steps pad to a power of two
+    (the padding steps do not run)."""
+    num_steps = output.num_steps
+    if any(item.num_new_tokens != 1 or not item.samples for item in output.scheduled):
+        raise ValueError("a step of several tokens per row is made of decodes alone")
+    slots = np.full((bucket(num_steps, 1), num_rows), num_slots, np.int32)
+    for row, item in enumerate(output.scheduled):
+        table = np.asarray(block_tables[item.request.request_id], np.int32)
+        step_positions = item.start + np.arange(num_steps)
+        slots[:num_steps, row] = (table[step_positions // block_size] * block_size
+                                  + step_positions % block_size)
+    return DecodeStepsInputs(slots, np.int32(num_steps))
 
 
 def _padded_column(values: list[int]) -> np.ndarray:

@@ -81,9 +81,10 @@ def stop_token_ids(sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> 
 
 
 def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,
-                  eos_token_ids: tuple[int, ...], in_flight_rows: dict[str, int] | None = None
-                  ) -> tuple[SamplerInputs, SamplerFlags]:
-    """The sampler inputs of `requests` (one sampling row each), padded to num_rows.
+                  eos_token_ids: tuple[int, ...], in_flight_rows: dict[str, int] | None = None,
+                  num_steps: int = 1) -> tuple[SamplerInputs, SamplerFlags]:
+    """The sampler inputs of `requests` (one sampling row each, sampling num_steps tokens),
+    padded to num_rows.
 
     A request's output sampled by the step in flight is not on the host yet: its row there
     (`in_flight_rows`) is passed instead, and the device counts it for the penalties."""
@@ -94,17 +95,17 @@ def build_sampler(requests: list[Request], num_rows: int, vocab_size: int,
     if requests:
         keys[:len(requests)] = np.stack([r.key_data for r in requests])
     num_generated = np.zeros(num_rows, np.int32)
-    # The output index each row samples: outputs read back, plus those in flight before this
-    # step's own placeholder.
-    num_generated[:len(requests)] = [len(r.output_token_ids) + r.num_output_placeholders - 1
-                                     for r in requests]
+    # The (first) output index each row samples: outputs read back, plus those in flight before
+    # this step's own placeholders.
+    num_generated[:len(requests)] = [
+        len(r.output_token_ids) + r.num_output_placeholders - num_steps for r in requests]
     output_sources = np.full(num_rows, -1, np.int32)
     for row, request in enumerate(requests):
-        if request.num_output_placeholders > 2:
-            raise RuntimeError(f"request {request.request_id} has "
-                               f"{request.num_output_placeholders - 1} outputs in flight; at most "
-                               "one step runs ahead of the host")
-        if request.num_output_placeholders == 2:
+        in_flight = request.num_output_placeholders - num_steps
+        if in_flight > 1:
+            raise RuntimeError(f"request {request.request_id} has {in_flight} outputs in flight; "
+                               "at most one step runs ahead of the host")
+        if in_flight == 1:
             output_sources[row] = in_flight_rows[request.request_id]
 
     def id_lists(lists: list[list[int]], used: bool) -> np.ndarray:
