@@ -77,12 +77,15 @@ def folojax_runner(llm: LLM, prompts, max_tokens: int, name: str = "folojax"
         outputs = llm.generate(requests, sampling, use_tqdm=False)
         return outputs, time.perf_counter() - start
 
-    compiles_before = num_compiles("paged_step")
+    def step_compiles() -> int:
+        return num_compiles("paged_step") + num_compiles("paged_decode_steps")
+
+    compiles_before = step_compiles()
     _, warmup_seconds = generate()
     start = time.perf_counter()
     wait_for_background_compiles()  # the shapes it met often enough: theirs too
     warmup_seconds += time.perf_counter() - start
-    compiles = num_compiles("paged_step") - compiles_before
+    compiles = step_compiles() - compiles_before
 
     def run() -> ThroughputResult:
         outputs, seconds = generate()
