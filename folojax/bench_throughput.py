@@ -243,9 +243,8 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
                          prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1,
                          quantizations: tuple[str, ...] = ("auto",), num_scheduler_steps: int = 1):
     """The workload through LLM (with num_scheduler_steps) once per choice of `quantizations`
-    (load_model's), and
-    (compare_hf) through transformers, in interleaved rounds; then the prefix-cache TTFT with
-    the first choice."""
+    (load_model's), and (compare_hf) through transformers, in interleaved rounds; then the
+    prefix-cache TTFT with the first choice."""
     from folojax.weights.loader import resolve_dtype
     from folojax.weights.quantized import check_quantization
 

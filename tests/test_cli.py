@@ -94,6 +94,8 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     (["generate", "--prompt", "hi", "--dtype", "int4"], "--dtype 'int4' is not supported"),
     (["serve", "--port", "0"], "--port must be in [1, 65535], got 0"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be positive"),
+    (["serve", "--num-scheduler-steps", "0"], "--num-scheduler-steps must be positive"),
+    (["bench", "--num-scheduler-steps", "-1"], "--num-scheduler-steps must be positive"),
     (["serve", "--api-key", ""], "the API key is empty: give --api-key a value"),
     (["serve", "--dtype", "int4"], "--dtype 'int4' is not supported"),
     (["generate", "--prompt", "hi", "--quantization", "int4"],
