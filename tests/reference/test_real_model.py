@@ -11,6 +11,7 @@ import transformers
 import folojax
 from folojax.model.weights import PanelLinear, QuantLinear
 from folojax.weights.loader import embedded_model_path
+from tests.test_decode_steps import count_decode_steps
 
 pytestmark = pytest.mark.real_model
 
@@ -110,3 +111,24 @@ def test_perplexity_on_the_embedded_gguf_equals_transformers():
     assert ours.num_scored_tokens == reference.num_scored_tokens > 100
     assert 1 < ours.perplexity < 50  # a repeated sentence is easy to predict
     assert ours.perplexity == pytest.approx(reference.perplexity, rel=1e-4)
+
+
+def test_multi_step_decode_gives_the_same_texts(smollm2, monkeypatch):
+    """4 tokens per dispatch against single steps on the real model and tokenizer: a stop
+    string met inside a dispatch (text cut, the tokens after it dropped), seeded sampling with
+    n=2, and a chat answer."""
+    multi = folojax.LLM.from_model(smollm2.model, max_model_len=2048, num_scheduler_steps=4)
+    prompts = ["Count: one, two,", "Tell me a story about a cat.", "Name three colours."]
+    samplings = [folojax.SamplingParams(temperature=0, max_tokens=40, stop=["five"]),
+                 folojax.SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=30),
+                 folojax.SamplingParams(temperature=0, max_tokens=23)]
+
+    def texts(llm):
+        return [[(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs]
+                for o in llm.generate(prompts, samplings, use_tqdm=False)]
+
+    single = texts(smollm2)
+    steps = count_decode_steps(monkeypatch)
+    assert texts(multi) == single
+    assert 4 in steps
+    assert single[0][0][0] == " three, four, " and single[0][0][2] == "stop"
