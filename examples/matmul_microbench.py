@@ -6,9 +6,13 @@ per block of 32, GGUF's Q4_1 (folojax/ops/csrc/quant_matmul.cc), for 1 to 1,024 
 over SmolLM2-135M's weight shapes (30 layers of fused q/k/v, o, fused gate/up and down, then the
 49,152-row head): the rate each streams its weights at.
 
-    python examples/matmul_microbench.py [ROWS ...]
+    python examples/matmul_microbench.py [--chained] [ROWS ...]
+
+With --chained each matmul's input is cut from the previous one's output, as in a decode step,
+so XLA cannot run independent matmuls at once and each call's fixed cost counts.
 """
 
+import functools
 import sys
 import time
 
@@ -23,10 +27,22 @@ from folojax.weights.quantized import QuantizedTensor
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
 
-def best_seconds(matmul, weights, rows: int, repeats: int = 5) -> float:
+def independent(matmul, weights, a, b):
+    return [matmul(a if inner == 576 else b, w, out)
+            for w, (out, inner) in zip(weights, SHAPES, strict=True)]
+
+
+def chained(matmul, weights, a, b):
+    del b
+    for w, (out, inner) in zip(weights, SHAPES, strict=True):
+        # scaled by 1 / sqrt(inner) so that 121 products of random weights stay finite
+        a = matmul(jnp.tile(a, (1, -(-inner // a.shape[1])))[:, :inner] * inner ** -0.5, w, out)
+    return a
+
+
+def best_seconds(matmul, weights, rows: int, repeats: int = 5, chain: bool = False) -> float:
     inputs = {576: jnp.ones((rows, 576)), 1536: jnp.ones((rows, 1536))}
-    step = jax.jit(lambda weights, a, b: [matmul(a if inner == 576 else b, w, out)
-                                          for w, (out, inner) in zip(weights, SHAPES, strict=True)])
+    step = jax.jit(functools.partial(chained if chain else independent, matmul))
     jax.block_until_ready(step(weights, inputs[576], inputs[1536]))
     times = []
     for _ in range(repeats):
@@ -66,16 +82,19 @@ def main() -> None:
                          quant_matmul.quant_matmul)}
     total = sum(w.nbytes for w in dense)
 
-    for rows in [int(r) for r in sys.argv[1:]] or (1, 2, 4, 8, 16, 32, 48, 64, 256, 1024):
-        xla = best_seconds(lambda x, w, out: x @ w.T, weights, rows)
-        kernel = best_seconds(cpu_matmul.panel_matmul, panels, rows)
+    arguments = sys.argv[1:]
+    chain = "--chained" in arguments
+    rows_asked = [int(r) for r in arguments if r != "--chained"]
+    for rows in rows_asked or (1, 2, 4, 8, 16, 32, 48, 64, 256, 1024):
+        xla = best_seconds(lambda x, w, out: x @ w.T, weights, rows, chain=chain)
+        kernel = best_seconds(cpu_matmul.panel_matmul, panels, rows, chain=chain)
         flops = 2 * rows * total / 4
         line = (f"rows={rows:>4}: XLA {total / xla / 1e9:5.1f} GB/s {flops / xla / 1e9:4.0f} GF/s "
                 f"({xla * 1e3:6.1f} ms), kernel {total / kernel / 1e9:5.1f} GB/s "
                 f"{flops / kernel / 1e9:4.0f} GF/s ({kernel * 1e3:6.1f} ms)")
         for name, (quantized_weights, matmul) in formats.items():
             seconds = best_seconds(lambda x, weight, out, matmul=matmul: matmul(x, *weight, out),
-                                   quantized_weights, rows)
+                                   quantized_weights, rows, chain=chain)
             size = sum(a.nbytes for weight in quantized_weights for a in weight)
             line += (f", {name} {size / seconds / 1e9:5.1f} GB/s ({seconds * 1e3:6.1f} ms, "
                      f"x{kernel / seconds:.2f} float32's)")
