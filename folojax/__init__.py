@@ -17,6 +17,7 @@ from folojax.engine.llm import LLM
 from folojax.engine.llm_engine import LLMEngine
 from folojax.host_malloc import tune_host_malloc, tune_if_opted_in
 from folojax.model.decoder import forward, num_compiles
+from folojax.ops.attention_backends import list_attention_backends
 from folojax.ops.paged_kv_cache import PagedKVCache, init_cache
 from folojax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from folojax.sampling_params import SamplingParams
@@ -30,5 +31,6 @@ enable_compilation_cache()
 __all__ = [
     "LLM", "LLMEngine", "CompletionOutput", "GenerateResult", "Model", "PagedKVCache",
     "RequestMetrics", "RequestOutput", "SamplingParams", "decode_step", "forward", "generate",
-    "init_cache", "load_model", "num_compiles", "prefill", "tune_host_malloc",
+    "init_cache", "list_attention_backends", "load_model", "num_compiles", "prefill",
+    "tune_host_malloc",
 ]

@@ -242,6 +242,9 @@ class EngineConfig:
     # Steps of a new shape that run padded before it compiles (1: a server, long-lived, compiles
     # every shape it meets; 8: an offline call's rare shapes cost no compile).
     padded_steps_before_compile: int = 8
+    # The attention backend (folojax.list_attention_backends()) or "auto"; checked against the
+    # model's head_dim and the cache's block size and dtype when the engine starts.
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         _check_positive_ints(self, "max_model_len", "padded_steps_before_compile")

@@ -62,7 +62,7 @@ def test_each_logprobs_n_is_no_compile_of_its_own(tiny_qwen3):
 def test_a_prefill_step_without_decodes_shares_the_next_steps_shape(tiny_qwen3):
     from folojax.engine.kv_cache_manager import KVCacheManager
     from folojax.engine.scheduler import ScheduledRequest, SchedulerOutput
-    from folojax.ops.paged_attention import default_chunk_sizes
+    from folojax.ops.paged_attention import CPU_KERNEL_CHUNKS
     from folojax.runner.prepare import build_step
     from tests.test_block_pool import make_request
 
@@ -71,7 +71,7 @@ def test_a_prefill_step_without_decodes_shares_the_next_steps_shape(tiny_qwen3):
     for request in (prompt, decoding):
         manager.allocate_slots(request, request.num_tokens)
     tables = {r.request_id: manager.block_ids(r.request_id) for r in (prompt, decoding)}
-    chunks = default_chunk_sizes()
+    chunks = CPU_KERNEL_CHUNKS
 
     def shapes(scheduled):
         batch = build_step(SchedulerOutput(scheduled, [], []), tables, 16, 256, 320, (), chunks)

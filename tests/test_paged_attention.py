@@ -1,5 +1,6 @@
 """Paged attention against a dense softmax over each row's own keys, read from its blocks: the
-gather loop (kernel "xla") and the C++ kernel (kernel "cpu", where it builds)."""
+dense oracle (backend "reference"), the gather loop ("xla") and the C++ kernel ("cpu", where it
+builds). tests/test_attention_backends.py covers every backend over model shapes."""
 
 import logging
 import threading
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from folojax.ops import cpu_kernels
-from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes, paged_attention
+from folojax.ops.attention_backends import check_backend, paged_attention
+from folojax.ops.paged_attention import ChunkSizes
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks, write_slots
 from folojax.runner.prepare import work_items
 
@@ -19,7 +21,7 @@ KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 3, 8, 4, 256
 CPU, GPU = ChunkSizes(64, 16, 64, 16), ChunkSizes(512, 256, 512, 128)
 needs_native = pytest.mark.skipif(not cpu_kernels.available("cpu"),
                                   reason="the C++ kernel does not build here (no compiler?)")
-KERNELS = ["xla", pytest.param("cpu", marks=needs_native)]
+KERNELS = ["reference", "xla", pytest.param("cpu", marks=needs_native)]
 
 
 def reference(q, keys, values, length):
@@ -121,36 +123,39 @@ def test_cpu_kernel_matches_a_dense_softmax_at_model_shapes(head_dim, block):
     items = work_items(tables, positions[:len(lengths)].max(axis=1), block, 64, 16)
     out = np.asarray(paged_attention(
         jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), items,
-        jnp.asarray(positions), 16, kernel="cpu"))
+        jnp.asarray(positions), 16, "cpu"))
     assert_rows_match_reference(out, q, positions, tables, k_cache, v_cache, row_keys)
     np.testing.assert_array_equal(out[-1], 0)
 
 
 @needs_native
-def test_cpu_is_served_by_the_kernel_for_float32_caches_only():
-    assert default_chunk_sizes("cpu").kernel == "cpu"
-    assert default_chunk_sizes("cpu", dtype=jnp.bfloat16).kernel == "xla"
-    assert default_chunk_sizes("gpu").kernel == "xla"
+def test_auto_serves_cpu_by_the_kernel_for_float32_caches_only():
+    assert check_backend("auto", 64, 16, jnp.float32, "cpu").name == "cpu"
+    assert check_backend("auto", 64, 16, jnp.bfloat16, "cpu").name == "xla"
+    assert check_backend("auto", 64, 16, jnp.bfloat16, "gpu").name == "xla"
 
 
 @pytest.mark.parametrize("environment", [{"FOLOJAX_NATIVE_KERNELS": "0"}, {"CXX": "false"},
                                          {"CXX": "/no/such/compiler"}])
-def test_without_the_kernel_cpu_falls_back_to_the_jax_path(environment, monkeypatch, tmp_path,
-                                                            caplog):
+def test_without_the_kernel_auto_takes_xla_and_cpu_by_name_says_why(environment, monkeypatch,
+                                                                     tmp_path, caplog):
     monkeypatch.setattr(cpu_kernels, "_state", {})  # forget the outcome of this process's load
     monkeypatch.setenv("FOLOJAX_CACHE_DIR", str(tmp_path))  # no cached build to find
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     with caplog.at_level(logging.WARNING, logger="folojax.ops.cpu_kernels"):
-        assert default_chunk_sizes("cpu").kernel == "xla"
+        assert check_backend("auto", HEAD_DIM, BLOCK, jnp.float32, "cpu").name == "xla"
     if "CXX" in environment:
         assert "native CPU kernels unavailable, using the JAX path" in caplog.text
         assert environment["CXX"] in caplog.text
     cache = jnp.zeros((4, 1, BLOCK, HEAD_DIM))
     items = work_items([[0]], np.array([0]), BLOCK, BLOCK, 1)
+    with pytest.raises(ValueError, match="attention_backend 'cpu' cannot serve .* the C.. "
+                                         "kernels did not build here"):
+        check_backend("cpu", HEAD_DIM, BLOCK, jnp.float32, "cpu")
     with pytest.raises(RuntimeError, match="paged-attention kernel is not available"):
         paged_attention(jnp.zeros((1, 1, 1, HEAD_DIM)), cache, cache, items,
-                        jnp.zeros((1, 1), jnp.int32), 1, kernel="cpu")
+                        jnp.zeros((1, 1), jnp.int32), 1, "cpu")
 
 
 def test_write_slots_and_copy_blocks_address_whole_blocks():

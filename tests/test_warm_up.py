@@ -4,7 +4,7 @@ warm-up no step waits for a compile that a warm shape covers, and nothing change
 import folojax
 from folojax.config import EngineConfig, SchedulerConfig
 from folojax.engine.warm_up import warm_up_steps
-from folojax.ops.paged_attention import default_chunk_sizes
+from folojax.ops.paged_attention import CPU_KERNEL_CHUNKS
 from folojax.runner.prepare import StepSizes
 
 
@@ -15,7 +15,7 @@ def test_warm_up_shapes_are_a_ladder_of_decode_rows_and_of_prefill_tokens(tiny_q
                                                     max_num_batched_tokens=1024),
                           max_model_len=512, dtype="float32")
     steps = warm_up_steps(config, block_size=16, max_request_len=512,
-                          chunks=default_chunk_sizes())
+                          chunks=CPU_KERNEL_CHUNKS)
     sizes = [floor for _, _, floor in steps]
     decodes = [s for s in sizes if s.prefill_tokens == 0]
     prefills = [s for s in sizes if s.prefill_tokens > 0]

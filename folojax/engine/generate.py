@@ -55,7 +55,8 @@ def _check_rows_cache(cache) -> None:
                         f"{type(cache).__name__}")
 
 
-def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: ModelConfig):
+def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: ModelConfig,
+              attention_backend: str):
     """Appends rows[b] to row b (rows left out get nothing); returns (logits [batch, vocab] of
     each row's last new token, zeros for rows left out, new cache)."""
     _check_rows_cache(cache)
@@ -76,7 +77,8 @@ def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: M
                           num_prefix_tokens=int(lengths[row]))
         scheduled.append(ScheduledRequest(request, len(ids), int(lengths[row]), samples=True))
         block_tables[str(row)] = tables[row].tolist()
-    runner = ModelRunner(params, config, cache, max_num_seqs=cache.batch_size)
+    runner = ModelRunner(params, config, cache, max_num_seqs=cache.batch_size,
+                         attention_backend=attention_backend)
     logits = runner.logits(SchedulerOutput(scheduled, [], []), block_tables)
     order = np.asarray(list(rows), np.int32)
     logits = jnp.zeros((cache.batch_size, logits.shape[-1]), logits.dtype).at[order].set(
@@ -85,23 +87,27 @@ def _row_step(params, cache: PagedKVCache, rows: dict[int, list[int]], config: M
     return logits, dataclasses.replace(runner.cache, lengths=jnp.asarray(lengths))
 
 
-def prefill(params, cache: PagedKVCache, token_ids, num_tokens, config: ModelConfig):
+def prefill(params, cache: PagedKVCache, token_ids, num_tokens, config: ModelConfig,
+            attention_backend: str = "auto"):
     """Writes prompts [batch, seq] (row b: its first num_tokens[b] ids) after each row's cached
-    tokens; returns (last-token logits [batch, vocab] float32, new cache). Donates `cache`."""
+    tokens; returns (last-token logits [batch, vocab] float32, new cache). Donates `cache`.
+    attention_backend: as generate's."""
     token_ids = np.asarray(token_ids)
     token_ids = token_ids[None] if token_ids.ndim == 1 else token_ids
     num_tokens = np.asarray(num_tokens).reshape(-1)
     rows = {row: token_ids[row, :n].tolist() for row, n in enumerate(num_tokens.tolist()) if n}
-    return _row_step(params, cache, rows, config)
+    return _row_step(params, cache, rows, config, attention_backend)
 
 
-def decode_step(params, cache: PagedKVCache, token_ids, config: ModelConfig, active=None):
+def decode_step(params, cache: PagedKVCache, token_ids, config: ModelConfig, active=None,
+                attention_backend: str = "auto"):
     """Appends one token per row (rows where `active` is False are left as they are); returns
-    (logits [batch, vocab] float32, new cache). Donates `cache`."""
+    (logits [batch, vocab] float32, new cache). Donates `cache`. attention_backend: as
+    generate's."""
     token_ids = np.asarray(token_ids).reshape(-1)
     active = np.ones(len(token_ids), bool) if active is None else np.asarray(active, bool)
     rows = {row: [int(token_ids[row])] for row in np.flatnonzero(active).tolist()}
-    return _row_step(params, cache, rows, config)
+    return _row_step(params, cache, rows, config, attention_backend)
 
 
 def _as_prompt_batch(prompt_token_ids) -> list[list[int]]:
@@ -116,7 +122,8 @@ def _as_prompt_batch(prompt_token_ids) -> list[list[int]]:
 
 def generate(params, cache: PagedKVCache, key: jax.Array, prompt_token_ids, *,
              config: ModelConfig, sampling: SamplingParams | list[SamplingParams] | None = None,
-             tokenizer=None, eos_token_ids: tuple[int, ...] | None = None) -> GenerateResult:
+             tokenizer=None, eos_token_ids: tuple[int, ...] | None = None,
+             attention_backend: str = "auto") -> GenerateResult:
     """Generates a completion for each prompt (one prompt per cache row), continuing after
     whatever the cache rows already hold. Donates `cache`; the result carries the new one.
 
@@ -125,6 +132,9 @@ def generate(params, cache: PagedKVCache, key: jax.Array, prompt_token_ids, *,
       prompt_token_ids: a list of ids, or a list of such lists (at most cache.batch_size).
       sampling: one SamplingParams for all rows, or one per row. Default: greedy, 16 tokens.
       tokenizer: needed for text output and stop strings.
+      attention_backend: a name of folojax.list_attention_backends(), or "auto" (the fastest
+        that serves the cache on this platform; logged). One that cannot serve the model's
+        head_dim or the cache's block size or dtype raises a ValueError naming the limit.
     """
     _check_rows_cache(cache)
     prompts = _as_prompt_batch(prompt_token_ids)
@@ -142,7 +152,7 @@ def generate(params, cache: PagedKVCache, key: jax.Array, prompt_token_ids, *,
                 for row, (prompt, s) in enumerate(zip(prompts, samplings, strict=True))]
     rows = RowKVCacheManager(np.asarray(cache.block_tables), cache.block_size)
     runner = ModelRunner(params, config, cache, max_num_seqs=len(prompts),
-                         eos_token_ids=eos_token_ids)
+                         eos_token_ids=eos_token_ids, attention_backend=attention_backend)
     core = EngineCore(runner, rows, SchedulerConfig(max_num_seqs=len(prompts)))
     for row, request in enumerate(requests):
         rows.assign(request, row)

@@ -18,6 +18,7 @@ from folojax.config import EngineConfig, KVCacheConfig, ModelConfig, SchedulerCo
 from folojax.engine.kv_cache_manager import cdiv
 from folojax.engine.llm_engine import LLMEngine
 from folojax.engine.validation import validate_seed
+from folojax.ops.attention_backends import check_backend_name
 from folojax.ops.paged_kv_cache import cache_bytes_per_token
 from folojax.outputs import RequestOutput
 from folojax.sampling_params import SamplingParams
@@ -61,6 +62,10 @@ class LLM:
         thread (False: where the step is dispatched, which waits for it). The same outputs.
       padded_steps_before_compile: how many times (a few: an offline call's rare shapes cost no
         compile; `folojax serve` takes 1).
+      attention_backend: a name of folojax.list_attention_backends(), or "auto" (the fastest
+        that serves the model's shapes on this platform; logged); None: the Model's own
+        (load_model's argument, "auto" by default). One that cannot serve the model's head_dim
+        or the cache's block size or dtype raises a ValueError naming the limit.
       warmup: compile the step's largest shapes before returning (engine/warm_up.py), with a
         progress bar, so that later steps never wait for a compile while one of them covers
         the step (`folojax serve --warmup`).
@@ -75,11 +80,14 @@ class LLM:
                  async_scheduling: bool = True, num_scheduler_steps: int = 1,
                  max_logprobs: int = 20, background_compile: bool = True,
                  padded_steps_before_compile: int = 8,
-                 warmup: bool = False, quantization: str = "auto"):
+                 warmup: bool = False, quantization: str = "auto",
+                 attention_backend: str | None = None):
         _check_engine_args(seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
                            padded_steps_before_compile=padded_steps_before_compile,
                            num_scheduler_steps=num_scheduler_steps)
         check_quantization(quantization)
+        if attention_backend is not None:
+            check_backend_name(attention_backend)
         self.model = model if isinstance(model, Model) else load_model(
             model, dtype, load_tokenizer=not skip_tokenizer_init, tokenizer=tokenizer,
             quantization=quantization)
@@ -105,6 +113,7 @@ class LLM:
             max_logprobs=max_logprobs,
             background_compile=background_compile,
             padded_steps_before_compile=padded_steps_before_compile,
+            attention_backend=attention_backend or self.model.attention_backend,
         )
         self.llm_engine = LLMEngine(self.model, self.engine_config, seed=seed)
         if warmup:

@@ -51,7 +51,8 @@ class LLMEngine:
                                                    model.dtype),
                                   config.scheduler.max_num_seqs,
                                   background_compile=config.background_compile,
-                                  padded_steps_before_compile=config.padded_steps_before_compile)
+                                  padded_steps_before_compile=config.padded_steps_before_compile,
+                                  attention_backend=config.attention_backend)
         self.core = EngineCore(self.runner, self.kv_cache_manager, config.scheduler, self._fork)
         # A request never outgrows the pool: past its capacity it finishes with "length".
         self.max_request_len = min(config.max_model_len, pool.num_tokens)

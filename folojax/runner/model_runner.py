@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from folojax.config import ModelConfig
 from folojax.model.step import paged_decode_steps, paged_logits, paged_step
-from folojax.ops.paged_attention import ChunkSizes, default_chunk_sizes
+from folojax.ops.attention_backends import check_backend, platform_name
+from folojax.ops.paged_attention import ChunkSizes
 from folojax.ops.paged_kv_cache import PagedKVCache, copy_blocks
 from folojax.ops.sampling import SamplerFlags
 from folojax.runner.prepare import StepBatch, StepSizes, build_step, max_rows_bucket
@@ -60,12 +61,19 @@ class ModelRunner:
     def __init__(self, params, config: ModelConfig, cache: PagedKVCache, max_num_seqs: int,
                  eos_token_ids: tuple[int, ...] | None = None, chunks: ChunkSizes | None = None,
                  background_compile: bool = True,
-                 padded_steps_before_compile: int = PADDED_STEPS_BEFORE_COMPILE):
+                 padded_steps_before_compile: int = PADDED_STEPS_BEFORE_COMPILE,
+                 attention_backend: str = "auto"):
+        """attention_backend: a name of folojax.list_attention_backends() or "auto", checked
+        here against the model's head_dim and the cache's block size and dtype (a ValueError
+        names the limit); `chunks`, if given, replaces its work items' sizes."""
         self.params = params
         self.config = config
         self.cache = cache
         self.eos_token_ids = config.eos_token_ids if eos_token_ids is None else eos_token_ids
-        self.chunks = chunks or default_chunk_sizes(dtype=cache.k[0].dtype)
+        backend = check_backend(attention_backend, config.head_dim, cache.block_size,
+                                cache.k[0].dtype)
+        self.chunks = chunks or backend.chunk_sizes(platform_name())
+        self.attention_backend = self.chunks.backend
         # A step's tokens come back padded to the most sampling rows a step can have.
         self._no_tokens = np.zeros(max_rows_bucket(max_num_seqs), np.int32)
         self._compiled: set = set()  # the step_signature of every shape compiled

@@ -13,6 +13,7 @@ import numpy as np
 from folojax.config import ModelConfig
 from folojax.errors import CheckpointError
 from folojax.ops import cpu_kernels, cpu_matmul
+from folojax.ops.attention_backends import check_backend_name
 from folojax.weights.gguf import open_gguf, read_gguf
 from folojax.weights.gptq import gptq_linears, read_gptq_config
 from folojax.weights.params import build_params
@@ -31,6 +32,7 @@ class Model:
     path: str
     dtype: jnp.dtype
     quantization: str = "none"  # load_model's argument
+    attention_backend: str = "auto"  # load_model's argument: the LLM's default
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -155,7 +157,7 @@ def read_checkpoint(path: str, keep_quantized: bool = True) -> Checkpoint:
 
 def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = True,
                tokenizer: str | None = None, progress: bool = True,
-               quantization: str = "auto") -> Model:
+               quantization: str = "auto", attention_backend: str = "auto") -> Model:
     """Loads config, params (as device arrays of `dtype`) and, unless told not to, the tokenizer;
     `progress` shows a bar while the weights load. A GGUF file is opened (parsed) once.
 
@@ -167,8 +169,12 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
     dequantized first), and each of its matmuls quantizes its input to int8 on the fly, per
     row and block of 32 (folojax/ops/int8_matmul.py). Activations between the matmuls, norms
     and an untied embedding stay in `dtype`.
+
+    attention_backend: the default of an LLM over this model (folojax.list_attention_backends()
+    or "auto"); checked against the model's shapes when the engine starts.
     """
     check_quantization(quantization)
+    check_backend_name(attention_backend)
     path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
     cpu_kernels.start_loading()  # a first build of the CPU kernels overlaps the weights' load
@@ -191,4 +197,4 @@ def load_model(model: str | None = None, dtype="auto", load_tokenizer: bool = Tr
         tok = _load_tokenizer(tokenizer or gguf_file or path,
                               gguf_reader=reader if tokenizer is None else None)
     return Model(config=config, params=params, tokenizer=tok, path=gguf_file or path, dtype=dtype,
-                 quantization=quantization)
+                 quantization=quantization, attention_backend=attention_backend)

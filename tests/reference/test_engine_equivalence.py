@@ -128,3 +128,36 @@ def test_n_completions_fork_after_the_prompt(checkpoint):
                                                 use_tqdm=False)[0].outputs] == completions
     assert llm.llm_engine.kv_cache_manager.pool.num_free_blocks == (
         llm.engine_config.kv_cache.num_blocks)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "cpu", "pallas-interpret"])
+def test_every_attention_backend_gives_the_greedy_tokens_under_preemption_chunks_and_hits(
+        checkpoint, backend):
+    """A tight pool (preemption), a 24-token budget (chunked prompts), then the same prompts
+    again (prefix-cache hits): transformers' greedy tokens through each backend. A backend that
+    cannot serve the model's head_dim says so when the engine starts."""
+    from folojax.ops import cpu_kernels
+    from folojax.ops.attention_backends import BACKENDS
+
+    if backend == "cpu" and not cpu_kernels.available("cpu"):
+        pytest.skip("the C++ kernels do not build here")
+    config = checkpoint.model.config
+    engine_args = dict(block_size=16, num_kv_blocks=9, max_num_batched_tokens=24, max_num_seqs=6,
+                       attention_backend=backend)
+    limit = BACKENDS[backend].unsupported(config.head_dim, 16, "float32")
+    if limit is not None:  # pallas and qwen3_gqa_tied's head_dim 24
+        with pytest.raises(ValueError, match=f"attention_backend '{backend}' cannot serve "
+                                             f"head_dim={config.head_dim}"):
+            make_llm(checkpoint, **engine_args)
+        return
+    prompts = mixed_prompts()
+    llm = make_llm(checkpoint, **engine_args)
+    assert llm.llm_engine.runner.attention_backend == backend
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    first = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    again = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert sum(o.num_cached_tokens for o in again) > 0
+    expected = [hf_greedy(checkpoint, p) for p in prompts]
+    assert token_ids(first) == expected
+    assert token_ids(again) == expected
