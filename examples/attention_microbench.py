@@ -1,9 +1,10 @@
 """One layer's paged attention at the throughput workload's shapes (Qwen3-small: 4 KV heads x 2
-query heads each, head_dim 64, 16-token blocks): the gather loop with work items cut to each
-row's own keys, against every row padded to the furthest one (what a single chunk loop over all
-rows costs), and the C++ kernel (ops/csrc/paged_attention.cc) on the same items. Before each
-timed call a 96 MB buffer is written, so the cache's blocks come from memory, as in a serving
-step (which streams the weights between layers), not from the 32 MB L3.
+query heads each, head_dim 64, 16-token blocks), per attention backend usable here
+(folojax.list_attention_backends(): on CPU the C++ kernel `cpu`, XLA's loop `xla`, the dense
+oracle `reference`; on a GPU `pallas` too), each on its own work items; and XLA's loop with
+every row padded to the furthest one (what a single chunk loop over all rows costs). Before
+each timed call a 96 MB buffer is written, so the cache's blocks come from memory, as in a
+serving step (which streams the weights between layers), not from the 32 MB L3.
 
     python examples/attention_microbench.py
 
@@ -16,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from folojax.ops import cpu_kernels
-from folojax.ops.paged_attention import default_chunk_sizes, paged_attention
+from folojax.ops.attention_backends import BACKENDS, list_attention_backends, paged_attention
 from folojax.ops.step_inputs import PREFILL_TILE
 from folojax.runner.prepare import work_items
 
@@ -38,30 +38,31 @@ def timings(functions, repeats=12):
               f"{np.median(seconds[1:]) * 1e3:6.2f} ms")
 
 
-def compare(label, q, positions, tables, keys_per_item, items_per_iteration, k_cache, v_cache):
+def compare(label, q, positions, tables, prefill: bool, k_cache, v_cache):
     last = positions.max(axis=1)
-
-    def jitted(kernel):
-        return jax.jit(lambda q, items, positions: paged_attention(
-            q, k_cache, v_cache, items, positions, items_per_iteration, kernel))
-
-    attend, native = jitted("xla"), jitted("cpu")
-    own = work_items(tables, last, BLOCK, keys_per_item, items_per_iteration)
-    # Every row walks as many chunks as the furthest row (its extra keys are masked).
-    padded_tables = [table + [table[-1]] * 64 for table in tables]
-    longest = work_items(padded_tables, np.full_like(last, last.max()), BLOCK, keys_per_item,
-                         items_per_iteration)
-    functions = {
-        f"{label}: items up to each row's own last query": lambda: attend(q, own, positions),
-        f"{label}: every row up to the furthest row": lambda: attend(q, longest, positions)}
-    if cpu_kernels.available():
-        functions[f"{label}: C++ kernel, same items"] = lambda: native(q, own, positions)
+    functions = {}
+    for name in list_attention_backends():
+        chunks = BACKENDS[name].chunk_sizes(jax.default_backend())
+        keys, per_iteration = ((chunks.prefill, chunks.prefill_items) if prefill
+                               else (chunks.decode, chunks.decode_items))
+        attend = jax.jit(lambda q, items, positions, name=name, per_iteration=per_iteration:
+                         paged_attention(q, k_cache, v_cache, items, positions, per_iteration,
+                                         name))
+        items = work_items(tables, last, BLOCK, keys, per_iteration,
+                           chunks.work_items_bucket(per_iteration))
+        functions[f"{label}: {name}"] = (
+            lambda attend=attend, items=items: attend(q, items, positions))
+        if name == "xla":  # every row walks as many chunks as the furthest (extra keys masked)
+            padded_tables = [table + [table[-1]] * 64 for table in tables]
+            longest = work_items(padded_tables, np.full_like(last, last.max()), BLOCK, keys,
+                                 per_iteration)
+            functions[f"{label}: xla, every row up to the furthest row"] = (
+                lambda attend=attend, longest=longest: attend(q, longest, positions))
     timings(functions)
 
 
 def main():
     rng = np.random.default_rng(0)
-    chunks = default_chunk_sizes()
     shape = (NUM_BLOCKS, KV_HEADS, BLOCK, HEAD_DIM)
     k_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
     v_cache = jnp.asarray(rng.standard_normal(shape, np.float32))
@@ -74,7 +75,7 @@ def main():
     lengths = rng.integers(40, 320, 48)
     q = jnp.asarray(rng.standard_normal((48, 1, KV_HEADS * GROUPS, HEAD_DIM), np.float32))
     compare("48 decode rows", q, (lengths - 1)[:, None].astype(np.int32), tables_for(lengths),
-            chunks.decode, chunks.decode_items, k_cache, v_cache)
+            False, k_cache, v_cache)
 
     # Whole prompts of 8 requests (32-256 tokens) as tiles of 64 queries.
     lengths = rng.integers(32, 257, 8)
@@ -89,7 +90,7 @@ def main():
     q = jnp.asarray(rng.standard_normal(
         (len(tile_tables), PREFILL_TILE, KV_HEADS * GROUPS, HEAD_DIM), np.float32))
     compare(f"{len(tile_tables)} prefill tiles", q, np.stack(tile_positions), tile_tables,
-            chunks.prefill, chunks.prefill_items, k_cache, v_cache)
+            True, k_cache, v_cache)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 
 from folojax.engine.generate import generate
 from folojax.model.decoder import num_compiles
+from folojax.ops.attention_backends import check_backend_name
 from folojax.ops.paged_kv_cache import init_cache
 from folojax.sampling_params import SamplingParams
 from folojax.weights.loader import load_model, resolve_dtype, resolve_model_path
@@ -89,14 +90,15 @@ def workload(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -
 
 
 def bench_llm(model, prompts, max_tokens: int, repeats: int, name: str = "folojax LLM",
-              num_scheduler_steps: int = 1) -> BenchResult:
+              num_scheduler_steps: int = 1, attention_backend: str = "auto") -> BenchResult:
     """The same workload through folojax.LLM (the engine), on the already loaded model."""
     from folojax.engine.llm import LLM
 
     # No prefix caching: the repeated runs would otherwise find their prompts cached.
     llm = LLM.from_model(model, max_model_len=len(prompts[0]) + max_tokens,
                          max_num_seqs=len(prompts), enable_prefix_caching=False,
-                         num_scheduler_steps=num_scheduler_steps)
+                         num_scheduler_steps=num_scheduler_steps,
+                         attention_backend=attention_backend)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
 
@@ -108,8 +110,8 @@ def bench_llm(model, prompts, max_tokens: int, repeats: int, name: str = "foloja
     return _timed_runs(name, run, prompts, repeats, decode_weight_bytes(model.params))
 
 
-def bench_folojax(model, prompts, max_tokens: int, repeats: int, name: str = "folojax"
-                  ) -> BenchResult:
+def bench_folojax(model, prompts, max_tokens: int, repeats: int, name: str = "folojax",
+                  attention_backend: str = "auto") -> BenchResult:
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     max_seq_len = len(prompts[0]) + max_tokens
 
@@ -117,7 +119,7 @@ def bench_folojax(model, prompts, max_tokens: int, repeats: int, name: str = "fo
         cache = init_cache(model.config, len(prompts), max_seq_len, model.dtype)
         start = time.perf_counter()
         result = generate(model.params, cache, jax.random.key(0), prompts, config=model.config,
-                          sampling=sampling)
+                          sampling=sampling, attention_backend=attention_backend)
         return result.metrics[0], time.perf_counter() - start
 
     return _timed_runs(name, run, prompts, repeats, decode_weight_bytes(model.params))
@@ -187,16 +189,19 @@ def bench_transformers(path: str, dtype: str, prompts, max_tokens: int,
 def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
               prompt_len: int = 128, max_tokens: int = 64, repeats: int = 3,
               compare_hf: bool = False, quantizations: tuple[str, ...] = ("auto",),
-              compare_llama_cpp: bool = False, num_scheduler_steps: int = 1
+              compare_llama_cpp: bool = False, num_scheduler_steps: int = 1,
+              attention_backends: tuple[str, ...] = ("auto",)
               ) -> tuple[list[BenchResult], StreamingLimit]:
     """folojax.generate and folojax.LLM (with num_scheduler_steps) for each of `quantizations`
-    (load_model's choices, each loaded in turn), then transformers (compare_hf) and llama.cpp
-    (compare_llama_cpp, on the same GGUF file) on the workload, and the machine's
-    weight-streaming limit for the first choice's weights."""
+    (load_model's choices, each loaded in turn) and of `attention_backends`, then transformers
+    (compare_hf) and llama.cpp (compare_llama_cpp, on the same GGUF file) on the workload, and
+    the machine's weight-streaming limit for the first choice's weights."""
     if max_tokens < 2:
         raise ValueError("bench needs max_tokens >= 2 to measure decoding")
     for quantization in quantizations:
         check_quantization(quantization)
+    for backend in attention_backends:
+        check_backend_name(backend)
     path = resolve_model_path(model_path)
     if compare_llama_cpp and not path.endswith(".gguf"):
         raise ValueError(f"--compare-llama-cpp needs a .gguf file, got {path}")
@@ -208,10 +213,12 @@ def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
         if limit is None:
             weight_bytes = decode_weight_bytes(model.params)
             limit = StreamingLimit(weight_bytes, measure_streaming_rate(weight_bytes))
-        suffix = "" if len(quantizations) == 1 else f" [{quantization}]"
-        results += [bench_folojax(model, prompts, max_tokens, repeats, "folojax" + suffix),
-                    bench_llm(model, prompts, max_tokens, repeats, "folojax LLM" + suffix,
-                              num_scheduler_steps)]
+        for backend in attention_backends:
+            suffix = choice_suffix((quantization, quantizations), (backend, attention_backends))
+            results += [bench_folojax(model, prompts, max_tokens, repeats, "folojax" + suffix,
+                                      backend),
+                        bench_llm(model, prompts, max_tokens, repeats, "folojax LLM" + suffix,
+                                  num_scheduler_steps, backend)]
         del model
     if compare_hf:
         results.append(bench_transformers(path, np.dtype(resolve_dtype(dtype)).name, prompts,
@@ -221,6 +228,11 @@ def run_bench(model_path: str | None, dtype: str = "auto", batch_size: int = 1,
 
         results.append(bench_llama_cpp(path, prompts, max_tokens, repeats))
     return results, limit
+
+
+def choice_suffix(*choices: tuple[str, tuple[str, ...]]) -> str:
+    """A run's name suffix: " [choice]" for each (choice, its options) with several options."""
+    return "".join(f" [{choice}]" for choice, options in choices if len(options) > 1)
 
 
 def format_results(results: list[BenchResult], limit: StreamingLimit | None = None) -> str:

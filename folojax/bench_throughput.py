@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from folojax.bench import load_torch_model
+from folojax.bench import choice_suffix, load_torch_model
 from folojax.engine.llm import LLM
 from folojax.model.decoder import num_compiles
 from folojax.runner.model_runner import wait_for_background_compiles
@@ -241,10 +241,12 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
                          max_num_seqs: int = 256, max_num_batched_tokens: int = 1024,
                          prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1,
-                         quantizations: tuple[str, ...] = ("auto",), num_scheduler_steps: int = 1):
+                         quantizations: tuple[str, ...] = ("auto",), num_scheduler_steps: int = 1,
+                         attention_backends: tuple[str, ...] = ("auto",)):
     """The workload through LLM (with num_scheduler_steps) once per choice of `quantizations`
-    (load_model's), and (compare_hf) through transformers, in interleaved rounds; then the
-    prefix-cache TTFT with the first choice."""
+    (load_model's) and of `attention_backends`, and (compare_hf) through transformers, in
+    interleaved rounds; then the prefix-cache TTFT with the first choices."""
+    from folojax.ops.attention_backends import check_backend_name
     from folojax.weights.loader import resolve_dtype
     from folojax.weights.quantized import check_quantization
 
@@ -252,23 +254,29 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     for quantization in quantizations:
         check_quantization(quantization)
+    for backend in attention_backends:
+        check_backend_name(backend)
 
     max_model_len = max(max_prompt, prefix_len + 24) + max_tokens
 
-    def make_llm(quantization: str = quantizations[0], **kwargs):
+    def make_llm(quantization: str = quantizations[0], attention_backend=attention_backends[0],
+                 **kwargs):
         return LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
                    max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, quantization=quantization,
-                   num_scheduler_steps=num_scheduler_steps, **kwargs)
+                   num_scheduler_steps=num_scheduler_steps, attention_backend=attention_backend,
+                   **kwargs)
 
     runners, stop, prompts = [], None, None
     for quantization in quantizations:
-        llm = make_llm(quantization)
-        vocab_size = llm.model.config.vocab_size
-        if prompts is None:
-            prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
-        name = "folojax" if len(quantizations) == 1 else f"folojax [{quantization}]"
-        runners.append(folojax_runner(llm, prompts, max_tokens, name))
+        for backend in attention_backends:
+            llm = make_llm(quantization, backend)
+            vocab_size = llm.model.config.vocab_size
+            if prompts is None:
+                prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
+            name = "folojax" + choice_suffix((quantization, quantizations),
+                                             (backend, attention_backends))
+            runners.append(folojax_runner(llm, prompts, max_tokens, name))
     if compare_hf:
         hf_runners, stop = transformers_runners(model_path, np.dtype(resolve_dtype(dtype)).name,
                                                 prompts, max_tokens)

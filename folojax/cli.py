@@ -28,6 +28,26 @@ def _quantizations(value: str) -> tuple[str, ...]:
     return choices
 
 
+def _attention_backends(value: str) -> tuple[str, ...]:
+    """--attention-backend's comma-separated choices, checked (bench runs each)."""
+    from folojax.ops.attention_backends import check_backend_name
+
+    choices = tuple(choice.strip() for choice in value.split(","))
+    for choice in choices:
+        try:
+            check_backend_name(choice)
+        except ValueError as error:
+            raise ValueError(f"--{error}".replace("attention_backend", "attention-backend",
+                                                  1)) from None
+    return choices
+
+
+def _one_attention_backend(value: str) -> str:
+    if "," in value:
+        raise ValueError(f"--attention-backend takes one choice here, got {value!r}")
+    return _attention_backends(value)[0]
+
+
 def _one_quantization(value: str) -> str:
     if "," in value:
         raise ValueError(f"--quantization takes one choice here, got {value!r}")
@@ -42,6 +62,7 @@ def _check_generate(args):
         raise ValueError("--prompt is empty: give the text to complete")
     _check_dtype(args.dtype)
     _one_quantization(args.quantization)
+    _one_attention_backend(args.attention_backend)
     if args.max_model_len is not None and args.max_model_len <= 0:
         raise ValueError(f"--max-model-len must be positive, got {args.max_model_len}")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -53,7 +74,7 @@ def _generate(args) -> int:
 
     sampling = _check_generate(args)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              quantization=args.quantization)
+              quantization=args.quantization, attention_backend=args.attention_backend)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], sampling, use_tqdm=False)
     else:
@@ -74,6 +95,7 @@ def _check_serve(args) -> str | None:
 
     _check_dtype(args.dtype)
     _one_quantization(args.quantization)
+    _one_attention_backend(args.attention_backend)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -109,7 +131,8 @@ def _serve(args) -> int:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
               warmup=args.warmup, padded_steps_before_compile=1,
-              quantization=args.quantization, num_scheduler_steps=args.num_scheduler_steps)
+              quantization=args.quantization, num_scheduler_steps=args.num_scheduler_steps,
+              attention_backend=args.attention_backend)
     name = args.served_model_name or (os.path.basename(os.path.normpath(model)) if model
                                       else "SmolLM2-135M-Instruct")
     run_server(llm, args.host, args.port, name, api_key)
@@ -119,8 +142,12 @@ def _serve(args) -> int:
 def _check_bench(args) -> None:
     _check_dtype(args.dtype)
     _quantizations(args.quantization)
+    _attention_backends(args.attention_backend)
     if args.first_call and args.quantization != "auto":
         raise ValueError("bench --first-call times LLM's defaults: it takes no --quantization")
+    if args.first_call and args.attention_backend != "auto":
+        raise ValueError("bench --first-call times LLM's defaults: it takes no "
+                         "--attention-backend")
     for name in ("batch_size", "prompt_len", "max_tokens", "repeats", "num_requests",
                  "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens",
                  "num_scheduler_steps"):
@@ -203,9 +230,11 @@ def _bench(args) -> int:
     results, limit = run_bench(args.model, args.dtype, args.batch_size, args.prompt_len,
                                args.max_tokens, args.repeats, args.compare_hf,
                                _quantizations(args.quantization), args.compare_llama_cpp,
-                               args.num_scheduler_steps)
+                               args.num_scheduler_steps,
+                               _attention_backends(args.attention_backend))
     print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
-          f"quantization={args.quantization} batch={args.batch_size} "
+          f"quantization={args.quantization} attention_backend={args.attention_backend} "
+          f"batch={args.batch_size} "
           f"prompt_len={args.prompt_len} max_tokens={args.max_tokens} "
           f"num_scheduler_steps={args.num_scheduler_steps}")
     print(format_results(results, limit))
@@ -222,8 +251,9 @@ def _bench_throughput(args) -> int:
         args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
         args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
         args.compare_hf, args.repeats, _quantizations(args.quantization),
-        args.num_scheduler_steps)
+        args.num_scheduler_steps, _attention_backends(args.attention_backend))
     print(f"model={args.model} dtype={args.dtype} quantization={args.quantization} "
+          f"attention_backend={args.attention_backend} "
           f"requests={args.num_requests} "
           f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
           f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
@@ -304,6 +334,13 @@ def _add_num_scheduler_steps_argument(command: argparse.ArgumentParser) -> None:
                               "request decodes and none waits (the same outputs)")
 
 
+def _add_attention_backend_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--attention-backend", default="auto",
+                         help="auto (the fastest that serves the model here; logged) or one of "
+                              "folojax.list_attention_backends(): reference, xla, cpu, pallas; "
+                              "bench takes several, comma-separated, run in turn")
+
+
 def _add_quantization_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantization", default="auto",
                          help="auto (a GGUF's Q4_0/Q4_1/Q8_0 tensors and a GPTQ checkpoint "
@@ -331,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="per-request seed, in [0, 2**64)")
     gen.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt plus output; none: the model's context")
+    _add_attention_backend_argument(gen)
     gen.set_defaults(func=_generate)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server", **defaults)
@@ -353,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens computed per step; none: LLM's default")
     serve.add_argument("--seed", type=int, default=0, help="the engine's seed (unseeded requests)")
     _add_num_scheduler_steps_argument(serve)
+    _add_attention_backend_argument(serve)
     serve.add_argument("--no-enable-prefix-caching", action="store_true",
                        help="turn prefix caching off")
     serve.add_argument("--warmup", action="store_true",
@@ -394,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="--throughput: tokens computed per step")
     _add_num_scheduler_steps_argument(bench)
+    _add_attention_backend_argument(bench)
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared prefix for the prefix-caching TTFT figure (0 = skip)")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
