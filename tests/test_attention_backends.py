@@ -7,6 +7,7 @@ interpreter here (`pallas-interpret`, the same kernel as `pallas`). A backend th
 a shape says so, naming the limit."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,9 @@ from folojax.ops.attention_backends import (
     list_attention_backends,
     paged_attention,
     platform_name,
+    step_attention,
 )
+from folojax.ops.paged_attention import AttentionRows
 from folojax.runner.prepare import work_items
 
 NUM_BLOCKS = 96
@@ -94,7 +97,8 @@ def make_step(shape: Shape, seed: int = 0, tile: int = 64) -> Step:
 
 
 def attend(backend: str, shape: Shape, step: Step) -> tuple[np.ndarray, np.ndarray]:
-    """The decode rows' and the tiles' outputs, each by one call, as model/step.py makes them."""
+    """The decode rows' and the tiles' outputs, as model/step.py asks for them: in one call
+    (step_attention; `pallas` serves both parts in one kernel call, the others a call each)."""
     chunks = BACKENDS[backend].chunk_sizes(PLATFORM)
     dtype = jnp.dtype(shape.dtype)
     k_cache, v_cache = jnp.asarray(step.k_cache, dtype), jnp.asarray(step.v_cache, dtype)
@@ -105,10 +109,11 @@ def attend(backend: str, shape: Shape, step: Step) -> tuple[np.ndarray, np.ndarr
     tile_items = work_items(step.tables[rows:], step.tile_positions.max(axis=1),
                             shape.block_size, chunks.prefill, chunks.prefill_items,
                             chunks.work_items_bucket(chunks.prefill_items))
-    decode = paged_attention(jnp.asarray(step.decode_q, dtype), k_cache, v_cache, decode_items,
-                             jnp.asarray(step.decode_positions), chunks.decode_items, backend)
-    tiles = paged_attention(jnp.asarray(step.tile_q, dtype), k_cache, v_cache, tile_items,
-                            jnp.asarray(step.tile_positions), chunks.prefill_items, backend)
+    parts = (AttentionRows(jnp.asarray(step.decode_q, dtype), decode_items,
+                           jnp.asarray(step.decode_positions), chunks.decode_items),
+             AttentionRows(jnp.asarray(step.tile_q, dtype), tile_items,
+                           jnp.asarray(step.tile_positions), chunks.prefill_items))
+    decode, tiles = step_attention(backend, k_cache, v_cache, parts)
     return (np.asarray(decode.astype(jnp.float32)), np.asarray(tiles.astype(jnp.float32)))
 
 
@@ -156,7 +161,7 @@ def test_every_backend_matches_reference(backend, shape):
     step = make_step(shape, seed=1)
     limit = BACKENDS[backend].unsupported(shape.head_dim, shape.block_size, shape.dtype)
     if limit is not None:  # said where the engine starts, and by the device call
-        with pytest.raises(ValueError, match=f"cannot serve .*: {limit}"):
+        with pytest.raises(ValueError, match=f"cannot serve .*: {re.escape(limit)}"):
             check_backend(backend, shape.head_dim, shape.block_size, shape.dtype, PLATFORM)
         with pytest.raises((ValueError, TypeError)):
             attend(backend, shape, step)
@@ -203,3 +208,24 @@ def test_auto_logs_its_choice_and_what_it_passed_over(caplog):
     assert "attention backend: xla (auto on cpu" in caplog.text
     if cpu_kernels.available("cpu"):
         assert "not cpu: it reads float32 caches, not bfloat16" in caplog.text
+
+
+@pytest.mark.parametrize("backend", TESTED)
+def test_a_step_of_decode_rows_alone_and_single_calls_match_reference(backend):
+    """A decode-only step (one part), and each part by a call of its own."""
+    shape = SHAPES[0]
+    step = make_step(shape, seed=2)
+    chunks = BACKENDS[backend].chunk_sizes(PLATFORM)
+    k_cache, v_cache = jnp.asarray(step.k_cache), jnp.asarray(step.v_cache)
+    rows = len(step.decode_positions)
+    items = work_items(step.tables[:rows - 1], step.decode_positions[:rows - 1, 0],
+                       shape.block_size, chunks.decode, chunks.decode_items)
+    part = AttentionRows(jnp.asarray(step.decode_q), items, jnp.asarray(step.decode_positions),
+                         chunks.decode_items)
+    [alone] = step_attention(backend, k_cache, v_cache, (part,))
+    single = paged_attention(part.q, k_cache, v_cache, items, part.positions,
+                             chunks.decode_items, backend)
+    expected = paged_attention(part.q, k_cache, v_cache, items, part.positions,
+                               chunks.decode_items, "reference")
+    np.testing.assert_allclose(alone, expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(single, expected, rtol=2e-5, atol=2e-5)

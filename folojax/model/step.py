@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from folojax.config import ModelConfig
 from folojax.model.decoder import count_compile, decoder_layers, lm_head
-from folojax.ops.attention_backends import paged_attention
-from folojax.ops.paged_attention import ChunkSizes
+from folojax.ops.attention_backends import step_attention
+from folojax.ops.paged_attention import AttentionRows, ChunkSizes
 from folojax.ops.paged_kv_cache import PagedKVCache, write_slots
 from folojax.ops.sampling import SamplerFlags, SamplerState, sample, token_logprobs
 from folojax.ops.step_inputs import DecodeStepsInputs, SamplerInputs, StepInputs
@@ -31,16 +31,19 @@ def paged_hidden(params, config: ModelConfig, cache: PagedKVCache, inputs: StepI
         q, k, v = q[0], k[0], v[0]  # one flat "batch" of tokens
         cache = write_slots(cache, layer_index, k, v, inputs.slot_mapping)
         k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
-        decode = paged_attention(q[:num_rows, None], k_cache, v_cache, inputs.decode_items,
-                                 inputs.positions[:num_rows, None], chunks.decode_items,
-                                 chunks.backend)[:, 0]
+        decode_rows = AttentionRows(q[:num_rows, None], inputs.decode_items,
+                                    inputs.positions[:num_rows, None], chunks.decode_items)
         if inputs.tile_token_indices.shape[0] == 0:  # static: a decode-only step
-            return decode[None], cache
+            [decode] = step_attention(chunks.backend, k_cache, v_cache, (decode_rows,))
+            return decode[:, 0][None], cache
         # Prefill tiles gather their queries from the flat prefill tokens, and scatter back.
         prefill_q = jnp.take(q[num_rows:], inputs.tile_token_indices, axis=0, mode="fill",
                              fill_value=0)  # [tiles, PREFILL_TILE, heads, head_dim]
-        tiles = paged_attention(prefill_q, k_cache, v_cache, inputs.prefill_items,
-                                inputs.tile_positions, chunks.prefill_items, chunks.backend)
+        tile_rows = AttentionRows(prefill_q, inputs.prefill_items, inputs.tile_positions,
+                                  chunks.prefill_items)
+        decode, tiles = step_attention(chunks.backend, k_cache, v_cache,
+                                       (decode_rows, tile_rows))
+        decode = decode[:, 0]
         prefill = tiles.reshape(-1, *q.shape[1:])[inputs.token_tile_indices]
         out = jnp.concatenate([decode, prefill])
         return out[None], cache

@@ -34,6 +34,7 @@ from folojax.ops.paged_attention import (
     CPU_KERNEL_CHUNKS,
     NATIVE_MAX_BLOCK_SIZE,
     NATIVE_MAX_HEAD_DIM,
+    AttentionRows,
     ChunkSizes,
     WorkItems,
     native_paged_attention,
@@ -59,6 +60,9 @@ class AttentionBackend:
     # Why it is not available on a platform here (a kernel that does not build), or None.
     unavailable: Callable[[str], str | None] = lambda _: None
     listed: bool = True  # listed by list_attention_backends (not the interpreter's)
+    # (k_cache, v_cache, parts: AttentionRows...) -> each part's output, in one call; None: a
+    # call of `attend` per part.
+    attend_step: Callable | None = None
 
 
 def _work_item_chunks(name: str, platform: str) -> ChunkSizes:
@@ -99,11 +103,14 @@ BACKENDS: dict[str, AttentionBackend] = {backend.name: backend for backend in (
     AttentionBackend("pallas", "the Pallas kernel (Triton) over blocks in place",
                      pallas_attention.pallas_paged_attention,
                      functools.partial(_work_item_chunks, "pallas"), platforms=("gpu",),
-                     unsupported=_pallas_unsupported),
+                     unsupported=_pallas_unsupported,
+                     attend_step=pallas_attention.pallas_step_attention),
     AttentionBackend("pallas-interpret", "the Pallas kernel in Pallas' interpreter (tests)",
                      functools.partial(pallas_attention.pallas_paged_attention, interpret=True),
                      functools.partial(_work_item_chunks, "pallas-interpret"),
-                     unsupported=_pallas_unsupported, listed=False),
+                     unsupported=_pallas_unsupported, listed=False,
+                     attend_step=functools.partial(pallas_attention.pallas_step_attention,
+                                                   interpret=True)),
 )}
 
 # `auto`'s preference per platform. On GPU the Pallas kernel has not been measured against XLA's
@@ -184,3 +191,14 @@ def paged_attention(
     """Attention over the paged cache by the named backend (a static name, as in ChunkSizes)."""
     return BACKENDS[backend].attend(q, k_cache, v_cache, items, query_positions,
                                     items_per_iteration)
+
+
+def step_attention(backend: str, k_cache: jax.Array, v_cache: jax.Array,
+                   parts: tuple[AttentionRows, ...]) -> tuple[jax.Array, ...]:
+    """A step's attention, each part (decode rows, prefill tiles) by the named backend: in one
+    call where the backend serves them together (`pallas`), else a call per part."""
+    entry = BACKENDS[backend]
+    if entry.attend_step is not None:
+        return entry.attend_step(k_cache, v_cache, parts)
+    return tuple(entry.attend(part.q, k_cache, v_cache, part.items, part.positions,
+                              part.items_per_iteration) for part in parts)

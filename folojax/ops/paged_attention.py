@@ -27,6 +27,7 @@ gets zeros.
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,16 @@ CPU_CHUNKS = ChunkSizes(decode=64, decode_items=16, prefill=64, prefill_items=16
 # The C++ kernel skips padding items at no cost: a large bucket saves recompiles as contexts grow.
 CPU_KERNEL_CHUNKS = dataclasses.replace(CPU_CHUNKS, backend="cpu", min_work_items=256)
 ACCELERATOR_CHUNKS = ChunkSizes(decode=512, decode_items=256, prefill=512, prefill_items=128)
+
+
+class AttentionRows(NamedTuple):
+    """One set of rows of queries that attend through work items: a step's decode rows (q_len
+    1) or its prefill tiles."""
+
+    q: jax.Array  # [rows, q_len, num_heads, head_dim]
+    items: WorkItems
+    positions: jax.Array  # [rows, q_len] (-1 = padding)
+    items_per_iteration: int = 0  # ChunkSizes' (the xla loop's stride)
 
 
 def chunk_blocks(block_size: int, chunk_tokens: int) -> int:
