@@ -12,14 +12,18 @@ import folojax.runner.model_runner as model_runner
 from .test_llm_engine import make_llm
 
 
-def count_decode_steps(monkeypatch) -> list[int]:
-    """The num_steps of every multi-step step dispatched."""
+def count_decode_steps(monkeypatch, steps_run: list | None = None) -> list[int]:
+    """The num_steps of every multi-step step dispatched (and, into `steps_run`, the steps each
+    ran on the device)."""
     counts = []
     dispatch = model_runner.paged_decode_steps
 
     def spy(params, cache, inputs, steps, *args):
         counts.append(int(steps.num_steps))
-        return dispatch(params, cache, inputs, steps, *args)
+        result = dispatch(params, cache, inputs, steps, *args)
+        if steps_run is not None:
+            steps_run.append(int(result[-1]))
+        return result
 
     monkeypatch.setattr(model_runner, "paged_decode_steps", spy)
     return counts
@@ -110,3 +114,32 @@ def test_num_scheduler_steps_is_validated(tiny_qwen3):
     for bad in (0, -2, 1.5, True, "4"):
         with pytest.raises(ValueError, match="num_scheduler_steps must be a positive int"):
             make_llm(tiny_qwen3, num_scheduler_steps=bad)
+
+
+def test_the_device_loop_ends_once_every_row_has_met_a_stop_token(tiny_qwen3, monkeypatch):
+    """A greedy request whose third output is a stop token: its 8-step dispatch runs 2 steps
+    (its 2nd and 3rd outputs) and stops there, with single steps' outputs; beside a request
+    that does not stop, the dispatch runs all 8."""
+    rng = np.random.default_rng(5)
+    prompt, other = rng.integers(3, 300, 11).tolist(), rng.integers(3, 300, 7).tolist()
+    greedy = folojax.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    alone = make_llm(tiny_qwen3).generate({"prompt_token_ids": prompt}, greedy, use_tqdm=False)
+    tokens = alone[0].outputs[0].token_ids
+    stop = tokens[2]
+    assert stop not in tokens[:2]  # this seed's third token is new
+    stopping = folojax.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                      stop_token_ids=[stop])
+    steps_run = []
+    counts = count_decode_steps(monkeypatch, steps_run)
+    llm = make_llm(tiny_qwen3, num_scheduler_steps=8)
+    [output] = llm.generate({"prompt_token_ids": prompt}, stopping, use_tqdm=False)
+    assert output.outputs[0].token_ids == tokens[:3]
+    assert output.outputs[0].finish_reason == "stop"
+    assert (counts, steps_run) == ([8], [2])
+    counts.clear()
+    steps_run.clear()
+    outputs = llm.generate([{"prompt_token_ids": prompt}, {"prompt_token_ids": other}],
+                           [stopping, greedy], use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == tokens[:3]
+    assert len(outputs[1].outputs[0].token_ids) == 20
+    assert steps_run[0] == counts[0] == 8

@@ -119,11 +119,13 @@ def paged_step(params, cache: PagedKVCache, inputs: StepInputs, sampler: Sampler
 def paged_decode_steps(params, cache: PagedKVCache, inputs: StepInputs, steps: DecodeStepsInputs,
                        sampler: SamplerInputs, previous_tokens, config: ModelConfig,
                        flags: SamplerFlags, chunks: ChunkSizes):
-    """paged_step's decode rows, `steps.num_steps` times in a device loop: step i runs each row
-    at its position + i on the token step i - 1 sampled. Returns (tokens [max steps, rows],
-    logprobs (each with a leading [max steps]) or None, new cache); steps past num_steps are
-    zeros. Donates `cache`. A row samples as paged_step would at each output index, so its
-    tokens are the same as those of single steps."""
+    """paged_step's decode rows, up to `steps.num_steps` times in a device loop: step i runs each
+    row at its position + i on the token step i - 1 sampled. The loop stops early once every row
+    has sampled one of its stop tokens (steps.stop_token_ids; padding rows count as stopped).
+    Returns (tokens [max steps, rows], logprobs (each with a leading [max steps]) or None, new
+    cache, the steps run); steps not run are zeros. Donates `cache`. A row samples as
+    paged_step would at each output index, so its tokens are the same as those of single
+    steps."""
     count_compile("paged_decode_steps")
     max_steps, num_rows = steps.slot_mapping.shape
     if inputs.tile_token_indices.shape[0] or inputs.sample_indices.shape[0] != num_rows:
@@ -133,8 +135,12 @@ def paged_decode_steps(params, cache: PagedKVCache, inputs: StepInputs, steps: D
                                   keys=jax.random.wrap_key_data(sampler.tensors.keys))
     state = _sampler_state(sampler, previous_tokens, config.vocab_size, flags)
 
-    def step(i, carry):
-        cache, token_ids, state, tokens, logprobs = carry
+    def running(carry):
+        i, stopped = carry[0], carry[-1]
+        return (i < steps.num_steps) & ~jnp.all(stopped)
+
+    def step(carry):
+        i, cache, token_ids, state, tokens, logprobs, stopped = carry
         step_inputs = dataclasses.replace(
             inputs, token_ids=token_ids, slot_mapping=steps.slot_mapping[i],
             positions=jnp.where(inputs.positions >= 0, inputs.positions + i, -1))
@@ -144,7 +150,8 @@ def paged_decode_steps(params, cache: PagedKVCache, inputs: StepInputs, steps: D
         if logprobs is not None:
             logprobs = tuple(a.at[i].set(b) for a, b in zip(logprobs, step_logprobs,
                                                             strict=True))
-        return cache, sampled, state, tokens, logprobs
+        stopped = stopped | jnp.any(sampled[:, None] == steps.stop_token_ids, axis=1)
+        return i + 1, cache, sampled, state, tokens, logprobs, stopped
 
     logprobs = None
     if flags.num_logprobs is not None:
@@ -153,9 +160,11 @@ def paged_decode_steps(params, cache: PagedKVCache, inputs: StepInputs, steps: D
                     jnp.zeros((max_steps, num_rows, n), jnp.int32),
                     jnp.zeros((max_steps, num_rows, n), jnp.float32))
     tokens = jnp.zeros((max_steps, num_rows), jnp.int32)
-    cache, _, _, tokens, logprobs = jax.lax.fori_loop(
-        0, steps.num_steps, step, (cache, inputs.token_ids, state, tokens, logprobs))
-    return tokens, logprobs, cache
+    padding_rows = inputs.positions[:num_rows] < 0
+    steps_run, cache, _, _, tokens, logprobs, _ = jax.lax.while_loop(
+        running, step, (jnp.int32(0), cache, inputs.token_ids, state, tokens, logprobs,
+                        padding_rows))
+    return tokens, logprobs, cache, steps_run
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunks"), donate_argnames=("cache",))

@@ -51,12 +51,16 @@ class StepInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeStepsInputs:
-    """A step of decode rows alone that computes `num_steps` tokens per row in one dispatch, each
-    row's sampled token the input of its next (the scheduler's num_scheduler_steps). Step i runs
-    StepInputs' rows at their positions + i; their work items reach the last step's position."""
+    """A step of decode rows alone that computes up to `num_steps` tokens per row in one dispatch,
+    each row's sampled token the input of its next (the scheduler's num_scheduler_steps). Step i
+    runs StepInputs' rows at their positions + i; their work items reach the last step's
+    position. The device loop ends early once every row has sampled one of its stop tokens."""
 
     slot_mapping: np.ndarray  # [max steps, rows]: the cache slot of each row's token at step i
     num_steps: np.ndarray  # [] int32: the steps to run, at most max steps
+    # [rows, width]: each row's stop tokens (EOS unless ignore_eos, and stop_token_ids), padded
+    # with vocab_size (no token); min_tokens bans them on the device until they may stop.
+    stop_token_ids: np.ndarray
 
 
 @jax.tree_util.register_dataclass

@@ -216,13 +216,14 @@ class ModelRunner:
         steps buckets) compile where they are first dispatched, as no padding to another
         shape's compile applies."""
         signature = ("decode_steps", *step_signature(batch),
-                     batch.decode_steps.slot_mapping.shape)
+                     batch.decode_steps.slot_mapping.shape,
+                     batch.decode_steps.stop_token_ids.shape)
         if signature not in self._compiled:
             logger.info("decode-steps shape %s compiles where the step is dispatched",
                         signature[1:])
             self.num_dispatch_compiles += 1
             self._compiled.add(signature)
-        tokens, logprobs, self.cache = paged_decode_steps(
+        tokens, logprobs, self.cache, _ = paged_decode_steps(
             self.params, self.cache, batch.inputs, batch.decode_steps, batch.sampler,
             previous_tokens, self.config, batch.flags, self.chunks)
         return StepResult(output, batch, tokens, logprobs)

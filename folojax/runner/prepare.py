@@ -21,7 +21,7 @@ from folojax.ops.paged_attention import ChunkSizes, WorkItems, chunk_blocks
 from folojax.ops.sampling import SamplerFlags
 from folojax.ops.step_inputs import PREFILL_TILE, DecodeStepsInputs, SamplerInputs, StepInputs
 from folojax.runner.buckets import bucket, stepped_bucket
-from folojax.runner.sampling_inputs import build_sampler, logprobs_bucket
+from folojax.runner.sampling_inputs import build_sampler, logprobs_bucket, stop_token_ids
 
 if TYPE_CHECKING:
     from folojax.engine.request import Request
@@ -163,7 +163,8 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
         tokens = np.arange(first, min(first + PREFILL_TILE, end))
         tile_token_indices[tile, :len(tokens)] = tokens
         token_tile_indices[tokens] = tile * PREFILL_TILE + np.arange(len(tokens))
-    decode_steps = (_decode_steps(output, block_tables, block_size, num_slots, num_rows)
+    decode_steps = (_decode_steps(output, block_tables, block_size, num_slots, num_rows,
+                                  vocab_size, eos_token_ids)
                     if output.num_steps > 1 else None)
     prefill_positions = np.append(positions[num_rows:], -1)  # index num_prefill_tokens: padding
     tile_positions = prefill_positions[tile_token_indices]
@@ -200,19 +201,25 @@ def build_step(output: SchedulerOutput, block_tables: dict[str, list[int]], bloc
 
 
 def _decode_steps(output: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int,
-                  num_slots: int, num_rows: int) -> DecodeStepsInputs:
-    """Each decode row's cache slots for its output.num_steps tokens; steps pad to a power of two
-    (the padding steps do not run)."""
+                  num_slots: int, num_rows: int, vocab_size: int,
+                  eos_token_ids: tuple[int, ...]) -> DecodeStepsInputs:
+    """Each decode row's cache slots for its output.num_steps tokens, and its stop tokens; steps
+    pad to a power of two (the padding steps do not run)."""
     num_steps = output.num_steps
     if any(item.num_new_tokens != 1 or not item.samples for item in output.scheduled):
         raise ValueError("a step of several tokens per row is made of decodes alone")
     slots = np.full((bucket(num_steps, 1), num_rows), num_slots, np.int32)
+    stops = [stop_token_ids(item.request.sampling, eos_token_ids) for item in output.scheduled]
+    stop_ids = np.full((num_rows, bucket(max(map(len, stops), default=0), 4)), vocab_size,
+                       np.int32)
+    for row, ids in enumerate(stops):
+        stop_ids[row, :len(ids)] = ids
     for row, item in enumerate(output.scheduled):
         table = np.asarray(block_tables[item.request.request_id], np.int32)
         step_positions = item.start + np.arange(num_steps)
         slots[:num_steps, row] = (table[step_positions // block_size] * block_size
                                   + step_positions % block_size)
-    return DecodeStepsInputs(slots, np.int32(num_steps))
+    return DecodeStepsInputs(slots, np.int32(num_steps), stop_ids)
 
 
 def _padded_column(values: list[int]) -> np.ndarray:
