@@ -54,8 +54,10 @@ class LLM:
         tokens (the same outputs; the host works while the device runs).
       num_scheduler_steps: decode tokens computed per request in one dispatch while every
         running request decodes and none waits (vLLM v0's multi-step scheduling; the same
-        outputs). The host's work per step is then spent once per that many tokens; a request
-        computes up to that many - 1 tokens past a stop it meets, which are dropped.
+        outputs). The host's work per step is then spent once per that many tokens. The device
+        loop ends once every request in it has sampled a stop token; a request beside others
+        that go on, or stopped by a stop string, computes up to that many - 1 tokens past its
+        stop, which are dropped.
       max_logprobs: the most top-N logprobs a request may ask for.
       background_compile: a step of a shape not compiled yet runs padded to a compiled shape
         that covers it; once its shape has come back a few times, it compiles in a background

@@ -64,7 +64,7 @@ def _item_kernel(query_offsets_ref, query_blocks_ref, num_blocks_ref, blocks_ref
         # every position).
         reach = jnp.max(positions) - start + 1
         num_blocks = jnp.clip((reach + block_size - 1) // block_size, 0, num_blocks_ref[item])
-        key_offsets = jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+        key_offsets = jax.lax.iota(jnp.int32, block_size)[None, :]  # a 1-D range, as Triton's
 
         def attend_block(b, carry):
             running_max, running_sum, acc = carry
