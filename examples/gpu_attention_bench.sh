@@ -31,7 +31,8 @@ folojax() { "$PY" -m folojax.cli "$@"; }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
 if "$PY" -c "import pytest" 2>/dev/null; then  # every backend against `reference`, here
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_backends.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_backends.py \
+    tests/reference/test_engine_equivalence.py -k "backend"
 fi
 folojax init-random --config "$CONFIG" --out "$OUT/bf16"
 
