@@ -46,6 +46,15 @@ def test_bench_times_each_quantization_in_turn(tiny_qwen3, capsys):
         run_bench(tiny_qwen3.path, "float32", compare_llama_cpp=True)
 
 
+def test_bench_times_each_attention_backend_in_turn(tiny_qwen3, capsys):
+    assert main(["bench", "--model", tiny_qwen3.path, "--prompt-len", "16", "--max-tokens", "4",
+                 "--repeats", "1", "--dtype", "float32", "--attention-backend", "xla,reference"]
+                ) == 0
+    out = capsys.readouterr().out
+    assert "attention_backend=xla,reference" in out
+    assert "folojax LLM [xla] " in out and "folojax LLM [reference] " in out
+
+
 def test_bad_argument_exits_with_a_clear_error(capsys):
     assert main(["generate", "--prompt", "hi", "--model", "/no/such/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -106,6 +115,12 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
     (["bench", "--quantization", "none,fp8"], "--quantization 'fp8' is not supported"),
     (["bench", "--first-call", "--model", "m", "--quantization", "int8"],
      "--first-call times LLM's defaults"),
+    (["generate", "--prompt", "hi", "--attention-backend", "flash"],
+     "--attention-backend 'flash' is not one of: auto, reference, xla, cpu, pallas"),
+    (["serve", "--attention-backend", "xla,cpu"], "--attention-backend takes one choice here"),
+    (["bench", "--attention-backend", "cpu,flash"], "--attention-backend 'flash' is not one of"),
+    (["bench", "--first-call", "--model", "m", "--attention-backend", "xla"],
+     "it takes no --attention-backend"),
     (["bench", "serve", "--base-url", "http://127.0.0.1:9/v1"],
      "cannot list the models at http://127.0.0.1:9/v1"),
 ])

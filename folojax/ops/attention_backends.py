@@ -1,9 +1,11 @@
-"""The attention backends: one registry, one entry point (paged_attention), one choice per engine.
+"""The attention backends: one registry, one entry point per step (step_attention; a single
+set of rows: paged_attention), one choice per engine.
 
 Every backend reads the same host-side metadata, work items (folojax/ops/paged_attention.py),
 which folojax/runner/prepare.py:work_items builds from the scheduler's output with the backend's
 own ChunkSizes (keys per item, items per loop iteration, the bucket of item counts) for the
-platform. Its device call maps (queries, caches, items, query positions) to the attention output.
+platform. Its device call maps (queries, caches, items, query positions) to the attention output;
+a backend may serve a step's decode rows and prefill tiles in one call (attend_step).
 
 - `reference`: dense scores over every item's gathered blocks, one softmax; the oracle.
 - `xla`: a loop of gathers and dots over a few items at a time (any platform).
@@ -49,6 +51,8 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
+    """One backend: its device call, its work items' sizes, where it runs and what it serves."""
+
     name: str
     summary: str
     attend: Callable  # (q, k_cache, v_cache, items, query_positions, items_per_iteration) -> out
