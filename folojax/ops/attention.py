@@ -1,7 +1,7 @@
 """Dense attention, the oracles: causal grouped-query attention over a contiguous run of keys
 (the reference `forward`'s, folojax/model/decoder.py), and the `reference` attention backend's
-dense scores over the paged cache's blocks gathered per work item (folojax/ops/
-attention_backends.py; every step with a cache attends through a backend).
+dense scores over the paged cache's blocks gathered per work item (every step with a cache
+attends through a backend: folojax/ops/attention_backends.py).
 
 Every query at absolute position p sees the keys at positions <= p that are among its row's first
 `kv_lengths[row]` keys (causal_attention), or among its row's work items (dense_paged_attention).
