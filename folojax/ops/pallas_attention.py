@@ -98,6 +98,11 @@ def _slots(queries: int) -> int:
     return -(-queries // QUERY_BLOCK) * QUERY_BLOCK
 
 
+def _in_call(part: AttentionRows) -> bool:
+    """Whether the part has rows and work items (else its output is zeros, with no call)."""
+    return bool(part.q.shape[0] and part.items.rows.shape[0])
+
+
 def pallas_step_attention(k_cache: jax.Array, v_cache: jax.Array, parts: tuple[AttentionRows, ...],
                           interpret: bool = False) -> tuple[jax.Array, ...]:
     """Paged attention of several sets of rows (a step's decode rows and prefill tiles) in one
@@ -107,16 +112,17 @@ def pallas_step_attention(k_cache: jax.Array, v_cache: jax.Array, parts: tuple[A
     reason = unsupported(head_dim, block_size)
     if reason is not None:
         raise ValueError(f"the pallas attention backend cannot serve this cache: {reason}")
-    live = [part for part in parts if part.q.shape[0] and part.items.rows.shape[0]]
+    live = [part for part in parts if _in_call(part)]
     if not live:
         return tuple(jnp.zeros(part.q.shape, v_cache.dtype) for part in parts)
     queries, positions, offsets, query_blocks, num_blocks, blocks, starts = ([] for _ in range(7))
-    base = 0
+    base, most_slots = 0, 0
     width = max(part.items.blocks.shape[1] for part in live)
     for part in live:
         grouped, part_positions = grouped_queries(part.q, part.positions, num_kv_heads)
         rows, _, count, _ = grouped.shape
         slots = _slots(count)
+        most_slots = max(most_slots, slots)
         grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, slots - count), (0, 0)))
         queries.append(grouped.transpose(1, 0, 2, 3).reshape(num_kv_heads, rows * slots,
                                                               head_dim))
@@ -132,8 +138,6 @@ def pallas_step_attention(k_cache: jax.Array, v_cache: jax.Array, parts: tuple[A
         base += rows * slots
     precision = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
                  else jax.lax.Precision.DEFAULT)
-    most_slots = max(_slots(part.q.shape[1] * (part.q.shape[2] // num_kv_heads))
-                     for part in live)
     total_items = sum(part.items.rows.shape[0] for part in live)
     shape = (total_items, num_kv_heads, most_slots)
     maxima, sums, values = pl.pallas_call(
@@ -147,7 +151,7 @@ def pallas_step_attention(k_cache: jax.Array, v_cache: jax.Array, parts: tuple[A
       jnp.concatenate(queries, axis=1), jnp.concatenate(positions), k_cache, v_cache)
     outputs, first = [], 0
     for part in parts:
-        if not any(part is other for other in live):
+        if not _in_call(part):
             outputs.append(jnp.zeros(part.q.shape, v_cache.dtype))
             continue
         rows, q_len, num_heads, _ = part.q.shape

@@ -73,7 +73,6 @@ class ModelRunner:
         backend = check_backend(attention_backend, config.head_dim, cache.block_size,
                                 cache.k[0].dtype)
         self.chunks = chunks or backend.chunk_sizes(platform_name())
-        self.attention_backend = self.chunks.backend
         # A step's tokens come back padded to the most sampling rows a step can have.
         self._no_tokens = np.zeros(max_rows_bucket(max_num_seqs), np.int32)
         self._compiled: set = set()  # the step_signature of every shape compiled
@@ -91,6 +90,10 @@ class ModelRunner:
     @property
     def block_size(self) -> int:
         return self.cache.block_size
+
+    @property
+    def attention_backend(self) -> str:
+        return self.chunks.backend
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 previous: StepResult | None = None, at_least: StepSizes | None = None
