@@ -17,6 +17,7 @@ same process was measurably slower: docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import time
@@ -239,13 +240,15 @@ def bench_prefix_ttft(make_llm, vocab_size: int, prefix_len: int, suffix_len: in
 
 def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int = 48,
                          min_prompt: int = 32, max_prompt: int = 256, max_tokens: int = 64,
-                         max_num_seqs: int = 256, max_num_batched_tokens: int = 1024,
+                         max_num_seqs: int | tuple[int, ...] = 256,
+                         max_num_batched_tokens: int = 1024,
                          prefix_len: int = 1000, compare_hf: bool = False, repeats: int = 1,
                          quantizations: tuple[str, ...] = ("auto",), num_scheduler_steps: int = 1,
                          attention_backends: tuple[str, ...] = ("auto",)):
     """The workload through LLM (with num_scheduler_steps) once per choice of `quantizations`
-    (load_model's) and of `attention_backends`, and (compare_hf) through transformers, in
-    interleaved rounds; then the prefix-cache TTFT with the first choices."""
+    (load_model's), of `attention_backends` and of `max_num_seqs` (one or several), and
+    (compare_hf) through transformers, in interleaved rounds; then the prefix-cache TTFT with
+    the first choices."""
     from folojax.ops.attention_backends import check_backend_name
     from folojax.weights.loader import resolve_dtype
     from folojax.weights.quantized import check_quantization
@@ -256,27 +259,32 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
         check_quantization(quantization)
     for backend in attention_backends:
         check_backend_name(backend)
+    seq_limits = (max_num_seqs,) if isinstance(max_num_seqs, int) else tuple(max_num_seqs)
+    if not seq_limits or any(not isinstance(n, int) or n < 1 for n in seq_limits):
+        raise ValueError(f"max_num_seqs must be positive ints, got {max_num_seqs!r}")
 
     max_model_len = max(max_prompt, prefix_len + 24) + max_tokens
 
     def make_llm(quantization: str = quantizations[0], attention_backend=attention_backends[0],
-                 **kwargs):
+                 seq_limit: int = seq_limits[0], **kwargs):
         return LLM(model_path, dtype=dtype, skip_tokenizer_init=True,
-                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                   max_model_len=max_model_len, max_num_seqs=seq_limit,
                    max_num_batched_tokens=max_num_batched_tokens, quantization=quantization,
                    num_scheduler_steps=num_scheduler_steps, attention_backend=attention_backend,
                    **kwargs)
 
     runners, stop, prompts = [], None, None
-    for quantization in quantizations:
-        for backend in attention_backends:
-            llm = make_llm(quantization, backend)
-            vocab_size = llm.model.config.vocab_size
-            if prompts is None:
-                prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
-            name = "folojax" + choice_suffix((quantization, quantizations),
-                                             (backend, attention_backends))
-            runners.append(folojax_runner(llm, prompts, max_tokens, name))
+    seq_names = tuple(f"max_num_seqs={n}" for n in seq_limits)
+    for quantization, backend, seq_limit in itertools.product(quantizations, attention_backends,
+                                                              seq_limits):
+        llm = make_llm(quantization, backend, seq_limit)
+        vocab_size = llm.model.config.vocab_size
+        if prompts is None:
+            prompts = throughput_workload(vocab_size, num_requests, min_prompt, max_prompt)
+        name = "folojax" + choice_suffix((quantization, quantizations),
+                                         (backend, attention_backends),
+                                         (f"max_num_seqs={seq_limit}", seq_names))
+        runners.append(folojax_runner(llm, prompts, max_tokens, name))
     if compare_hf:
         hf_runners, stop = transformers_runners(model_path, np.dtype(resolve_dtype(dtype)).name,
                                                 prompts, max_tokens)
@@ -292,13 +300,14 @@ def run_throughput_bench(model_path: str, dtype: str = "auto", num_requests: int
 
 
 def format_throughput(results: list[ThroughputResult], prefix: PrefixResult | None) -> str:
-    lines = [f"{'engine':<20}{'seconds':>9}{'output tok/s':>14}{'compile s':>11}{'compiles':>10}"
-             "  seconds per round"]
+    width = max(20, *(len(r.name) + 2 for r in results))
+    lines = [f"{'engine':<{width}}{'seconds':>9}{'output tok/s':>14}{'compile s':>11}"
+             f"{'compiles':>10}  seconds per round"]
     for r in results:
         compile_s = f"{r.compile_seconds:.1f}" if r.compile_seconds is not None else "-"
         compiles = str(r.num_compiles) if r.num_compiles is not None else "-"
         rounds = " ".join(f"{seconds:.2f}" for seconds in r.run_seconds)
-        lines.append(f"{r.name:<20}{r.seconds:>9.2f}{r.output_tokens_per_second:>14.1f}"
+        lines.append(f"{r.name:<{width}}{r.seconds:>9.2f}{r.output_tokens_per_second:>14.1f}"
                      f"{compile_s:>11}{compiles:>10}  {rounds}")
     ours = [r for r in results if r.name.startswith("folojax")]
     references = [r for r in results if not r.name.startswith("folojax")]

@@ -36,8 +36,10 @@ _SKIPPED_DIRECTORIES = ("site-packages", "dist-packages", "test", "tests", "idle
 LINEAR_GROUPS = ("qkv", "o", "gate_up", "down")
 
 
+@functools.lru_cache(maxsize=1)
 def stdlib_docstrings() -> str:
-    """The standard library's module docstrings, in path order, separated by blank lines."""
+    """The standard library's module docstrings, in path order, separated by blank lines (read
+    once per process: a few seconds)."""
     root = sysconfig.get_paths()["stdlib"]
     docstrings = []
     for directory, subdirectories, files in os.walk(root):

@@ -42,6 +42,21 @@ def _attention_backends(value: str) -> tuple[str, ...]:
     return choices
 
 
+def _max_num_seqs(value: str) -> tuple[int, ...]:
+    """bench --max-num-seqs' comma-separated choices, checked (--throughput runs each)."""
+    choices = []
+    for choice in value.split(","):
+        try:
+            number = int(choice)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ValueError(f"--max-num-seqs takes positive ints, comma-separated; got "
+                             f"{choice.strip()!r}")
+        choices.append(number)
+    return tuple(choices)
+
+
 def _one_attention_backend(value: str) -> str:
     if "," in value:
         raise ValueError(f"--attention-backend takes one choice here, got {value!r}")
@@ -143,13 +158,14 @@ def _check_bench(args) -> None:
     _check_dtype(args.dtype)
     _quantizations(args.quantization)
     _attention_backends(args.attention_backend)
+    _max_num_seqs(args.max_num_seqs)
     if args.first_call and args.quantization != "auto":
         raise ValueError("bench --first-call times LLM's defaults: it takes no --quantization")
     if args.first_call and args.attention_backend != "auto":
         raise ValueError("bench --first-call times LLM's defaults: it takes no "
                          "--attention-backend")
     for name in ("batch_size", "prompt_len", "max_tokens", "repeats", "num_requests",
-                 "min_prompt_len", "max_prompt_len", "max_num_seqs", "max_num_batched_tokens",
+                 "min_prompt_len", "max_prompt_len", "max_num_batched_tokens",
                  "num_scheduler_steps"):
         value = getattr(args, name)
         if value <= 0:
@@ -243,17 +259,16 @@ def _bench(args) -> int:
 
 def _bench_throughput(args) -> int:
     from folojax.bench_throughput import format_throughput, run_throughput_bench
+    from folojax.weights.loader import resolve_model_path
 
-    if args.model is None:
-        raise ValueError("bench --throughput needs --model: a Hugging Face checkpoint directory "
-                         "(e.g. from `folojax init-random --config configs/qwen3-0.6b.json`)")
     results, prefix = run_throughput_bench(
-        args.model, args.dtype, args.num_requests, args.min_prompt_len, args.max_prompt_len,
-        args.max_tokens, args.max_num_seqs, args.max_num_batched_tokens, args.prefix_len,
-        args.compare_hf, args.repeats, _quantizations(args.quantization),
+        resolve_model_path(args.model), args.dtype, args.num_requests, args.min_prompt_len,
+        args.max_prompt_len, args.max_tokens, _max_num_seqs(args.max_num_seqs),
+        args.max_num_batched_tokens,
+        args.prefix_len, args.compare_hf, args.repeats, _quantizations(args.quantization),
         args.num_scheduler_steps, _attention_backends(args.attention_backend))
-    print(f"model={args.model} dtype={args.dtype} quantization={args.quantization} "
-          f"attention_backend={args.attention_backend} "
+    print(f"model={args.model or 'embedded SmolLM2-135M-Instruct'} dtype={args.dtype} "
+          f"quantization={args.quantization} attention_backend={args.attention_backend} "
           f"requests={args.num_requests} "
           f"prompts={args.min_prompt_len}-{args.max_prompt_len} max_tokens={args.max_tokens} "
           f"max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
@@ -266,7 +281,7 @@ def _bench_first_call(args) -> int:
     from folojax.bench_first_call import format_first_call, run_first_call_bench
 
     if args.model is None:
-        raise ValueError("bench --first-call needs --model (as --throughput does)")
+        raise ValueError("bench --first-call needs --model: a Hugging Face checkpoint directory")
     results = run_first_call_bench(args.model, args.dtype, args.num_requests,
                                    args.min_prompt_len, args.max_prompt_len, args.max_tokens,
                                    args.compare_hf)
@@ -290,7 +305,8 @@ def _quantize(args) -> int:
     print(f"wrote {args.method} {args.bits}-bit (group size {args.group_size}, "
           f"{'symmetric' if sym else 'asymmetric'}"
           f"{', act-order' if args.act_order else ''}"
-          f"{', grid search' if args.grid_search else ''}) GPTQ checkpoint of {args.model} to "
+          f"{', grid search' if args.grid_search else ''}) GPTQ checkpoint of "
+          f"{args.model or 'the embedded SmolLM2-135M-Instruct'} to "
           f"{out_dir}")
     return 0
 
@@ -428,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--throughput: shortest prompt")
     bench.add_argument("--max-prompt-len", type=int, default=256,
                        help="--throughput: longest prompt")
-    bench.add_argument("--max-num-seqs", type=int, default=256,
-                       help="--throughput: requests running at once")
+    bench.add_argument("--max-num-seqs", default="256",
+                       help="--throughput: requests running at once; several, comma-separated, "
+                            "run in turn")
     bench.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="--throughput: tokens computed per step")
     _add_num_scheduler_steps_argument(bench)
@@ -457,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = commands.add_parser("quantize", help="write a GPTQ-format quantized checkpoint",
                                    **defaults)
-    quantize.add_argument("model", help="the source: an HF directory or a .gguf file")
+    quantize.add_argument("model", nargs="?", default=None,
+                          help="the source: an HF directory or a .gguf file; none: the embedded "
+                               "SmolLM2")
     quantize.add_argument("out_dir", help="the new model directory to write")
     quantize.add_argument("--method", default="rtn",
                           help="rtn: round-to-nearest per group; gptq: GPTQ, layer by layer, "

@@ -119,6 +119,9 @@ def test_bench_throughput_runs_every_engine_on_the_same_workload(tiny_qwen3, cap
      "--attention-backend 'flash' is not one of: auto, reference, xla, cpu, pallas"),
     (["serve", "--attention-backend", "xla,cpu"], "--attention-backend takes one choice here"),
     (["bench", "--attention-backend", "cpu,flash"], "--attention-backend 'flash' is not one of"),
+    (["bench", "--throughput", "--max-num-seqs", "1,x"],
+     "--max-num-seqs takes positive ints, comma-separated; got 'x'"),
+    (["bench", "--throughput", "--max-num-seqs", "0"], "got '0'"),
     (["bench", "--first-call", "--model", "m", "--attention-backend", "xla"],
      "it takes no --attention-backend"),
     (["bench", "serve", "--base-url", "http://127.0.0.1:9/v1"],
@@ -192,3 +195,39 @@ def test_serve_warms_up_when_told_to(monkeypatch):
     assert main(["serve"]) == 0 and main(["serve", "--warmup"]) == 0
     assert [kwargs["warmup"] for kwargs in made] == [False, True]
     assert all(kwargs["padded_steps_before_compile"] == 1 for kwargs in made)
+
+
+def test_quantize_and_bench_throughput_default_to_the_embedded_model(tmp_path, monkeypatch,
+                                                                     capsys):
+    import folojax.bench_throughput as bench_throughput
+    import folojax.quantize as quantize
+    from folojax.weights.loader import embedded_model_path
+
+    sources = []
+    monkeypatch.setattr(quantize, "quantize_checkpoint",
+                        lambda model, out_dir, *args, **kwargs: sources.append(model) or out_dir)
+    assert main(["quantize", str(tmp_path / "out"), "--bits", "8"]) == 0
+    assert main(["quantize", "some/model", str(tmp_path / "out")]) == 0
+    assert sources == [None, "some/model"]  # quantize_checkpoint resolves None
+    assert "of the embedded SmolLM2-135M-Instruct to" in capsys.readouterr().out
+
+    monkeypatch.setattr(bench_throughput, "run_throughput_bench",
+                        lambda model, *args: sources.append(model) or ([], None))
+    monkeypatch.setattr(bench_throughput, "format_throughput", lambda *args: "")
+    assert main(["bench", "--throughput"]) == 0
+    assert sources[-1] == embedded_model_path()
+    assert "model=embedded SmolLM2-135M-Instruct" in capsys.readouterr().out
+
+
+def test_bench_throughput_runs_each_max_num_seqs_in_turn(tiny_qwen3):
+    from folojax.bench_throughput import format_throughput, run_throughput_bench
+
+    results, _ = run_throughput_bench(tiny_qwen3.path, "float32", num_requests=3, min_prompt=4,
+                                      max_prompt=20, max_tokens=3, max_num_seqs=(1, 3),
+                                      prefix_len=0)
+    assert [r.name for r in results] == ["folojax [max_num_seqs=1]", "folojax [max_num_seqs=3]"]
+    assert [r.num_output_tokens for r in results] == [9, 9]
+    assert "folojax [max_num_seqs=3] / folojax [max_num_seqs=1]: output tok/s x" in (
+        format_throughput(results, None))
+    with pytest.raises(ValueError, match="max_num_seqs must be positive ints"):
+        run_throughput_bench(tiny_qwen3.path, "float32", max_num_seqs=(4, 0))
