@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="gptq: calibration segments (default: 128)")
     quantize.add_argument("--calibration-length", type=int, default=argparse.SUPPRESS,
                           help="gptq: tokens per calibration segment (default: 256)")
-    quantize.set_defaults(func=_quantize)
+    quantize.set_defaults(func=_quantize, command="quantize")
+    parser.quantize_parser = quantize  # parse_command_line reads its positionals intermixed
 
     perplexity = commands.add_parser("perplexity", help="a model's perplexity on a text",
                                      **defaults)
@@ -521,10 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv=None) -> argparse.Namespace:
+    """The arguments of a `folojax` command line (default sys.argv[1:]). quantize's positionals
+    (an optional source, then the out dir) are read intermixed with its options, so that
+    `quantize MODEL --bits 4 OUT` finds both."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["quantize"]:
+        return parser.quantize_parser.parse_intermixed_args(argv[1:])
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
     from folojax.host_malloc import tune_host_malloc
 
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     tune_host_malloc()  # before JAX starts its threads; FOLOJAX_TUNE_MALLOC=0 leaves glibc's
     try:
         return args.func(args)

@@ -208,7 +208,9 @@ def test_quantize_and_bench_throughput_default_to_the_embedded_model(tmp_path, m
                         lambda model, out_dir, *args, **kwargs: sources.append(model) or out_dir)
     assert main(["quantize", str(tmp_path / "out"), "--bits", "8"]) == 0
     assert main(["quantize", "some/model", str(tmp_path / "out")]) == 0
-    assert sources == [None, "some/model"]  # quantize_checkpoint resolves None
+    assert main(["quantize", "other/model", "--bits", "8", str(tmp_path / "out")]) == 0
+    assert main(["quantize", "--asym", str(tmp_path / "out"), "--bits", "8"]) == 0
+    assert sources == [None, "some/model", "other/model", None]  # None: the embedded model
     assert "of the embedded SmolLM2-135M-Instruct to" in capsys.readouterr().out
 
     monkeypatch.setattr(bench_throughput, "run_throughput_bench",

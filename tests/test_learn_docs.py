@@ -177,15 +177,19 @@ def fast_argv(argv: list[str], tiny_model: str) -> list[str]:
             argv[index + 1] = TINY_CONFIG_FILE
     if argv[0] == "quantize" and "--calibration-length" not in argv:
         argv += ["--calibration-length", "16"]  # GPTQ's calibration, cut short
-    if "--model" in argv:
-        return argv
-    if argv[0] == "quantize":
-        if len([a for a in argv[1:] if not a.startswith("-")]) == 1:  # OUT_DIR alone
+    if argv[0].endswith(".py"):  # an examples/learn script
+        takes_model = '"--model"' in Path(argv[0]).read_text(encoding="utf-8")
+        names_model = "--model" in argv
+    else:
+        from folojax.cli import parse_command_line
+
+        parsed = parse_command_line(argv)
+        takes_model, names_model = hasattr(parsed, "model"), getattr(parsed, "model", None)
+    if takes_model and not names_model:
+        if argv[0] == "quantize":  # its source is positional
             argv.insert(1, tiny_model)
-    elif argv[0] in ("generate", "bench", "perplexity"):
-        argv += ["--model", tiny_model]
-    elif argv[0].endswith(".py") and '"--model"' in Path(argv[0]).read_text(encoding="utf-8"):
-        argv += ["--model", tiny_model]
+        else:
+            argv += ["--model", tiny_model]
     return argv
 
 
@@ -240,3 +244,19 @@ def test_every_try_it_command_runs_in_the_fast_mode(doc, tiny_model, tmp_path, m
     assert found, f"{doc.name} has no try-it command"
     for command in found:
         run_command(command, tiny_model, monkeypatch)
+
+
+def test_the_fast_mode_shrinks_the_sizes_and_names_the_tiny_model_where_none_is_named(
+        monkeypatch):
+    monkeypatch.chdir(ROOT)  # the scripts' paths are relative, as in the docs
+    assert fast_argv(["quantize", "--method", "gptq", "--bits", "4", "out"], "TINY") == [
+        "quantize", "TINY", "--method", "gptq", "--bits", "4", "out",
+        "--calibration-length", "16"]
+    assert fast_argv(["bench", "--max-tokens", "64"], "TINY") == [
+        "bench", "--max-tokens", "3", "--model", "TINY"]
+    assert fast_argv(["perplexity", "--model", "ckpt", "--text", "t"], "TINY") == [
+        "perplexity", "--model", "ckpt", "--text", "t"]
+    assert fast_argv(["init-random", "--config", "c.json", "--out", "o"], "TINY") == [
+        "init-random", "--config", TINY_CONFIG_FILE, "--out", "o"]
+    assert fast_argv(["examples/learn/kv_cache_size.py", "--tokens", "32768"], "TINY") == [
+        "examples/learn/kv_cache_size.py", "--tokens", "64"]
