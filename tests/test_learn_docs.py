@@ -36,13 +36,10 @@ class Reference:
 
 
 def references(doc: Path) -> list[Reference]:
-    text = doc.read_text(encoding="utf-8")
-    found = [Reference(doc.name, m[1], m[2]) for m in REFERENCE.finditer(text)]
-    for _, body in FENCE.findall(text):
-        first = EXCERPT_SOURCE.match(body.split("\n", 1)[0].strip())
-        if first:
-            found.append(Reference(doc.name, first[1], first[2]))
-    return found
+    """Every inline reference, then every excerpt's source."""
+    found = [Reference(doc.name, m[1], m[2])
+             for m in REFERENCE.finditer(doc.read_text(encoding="utf-8"))]
+    return found + [reference for reference, _ in excerpts(doc)]
 
 
 def _defined_names(node: ast.AST) -> list[str]:
